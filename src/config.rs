@@ -1,0 +1,574 @@
+//! Raw config files (serde types mirroring gateway.toml and tenants/*.toml) and the errors that
+//! point back into them by file and line. Validation across files lives in `table`.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// One problem in the configuration, naming the file (and line where there is one).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The file at fault.
+    pub file: PathBuf,
+    /// 1-based line, when the problem has a place in the file.
+    pub line: Option<usize>,
+    /// One sentence saying what is wrong.
+    pub message: String,
+}
+
+impl ConfigError {
+    /// An error about a whole file.
+    pub fn file(file: impl Into<PathBuf>, message: impl Into<String>) -> Self {
+        ConfigError {
+            file: file.into(),
+            line: None,
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(line) => write!(f, "{}:{}: {}", self.file.display(), line, self.message),
+            None => write!(f, "{}: {}", self.file.display(), self.message),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// A config file's text, kept so errors can be turned from byte spans into line numbers.
+#[derive(Debug, Clone)]
+pub struct Source {
+    /// Path as given (relative paths stay relative, so messages read like the operator typed).
+    pub path: PathBuf,
+    /// The file's contents.
+    pub text: String,
+}
+
+impl Source {
+    /// Reads a file; an unreadable file is an error naming it.
+    pub fn read(path: &Path) -> Result<Source, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::file(path, format!("cannot read the file: {e}")))?;
+        Ok(Source {
+            path: path.to_path_buf(),
+            text,
+        })
+    }
+
+    /// An error at a byte span of this file.
+    pub fn error_at(&self, span: Range<usize>, message: impl Into<String>) -> ConfigError {
+        let upto = span.start.min(self.text.len());
+        let line = self.text.as_bytes()[..upto]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count()
+            + 1;
+        ConfigError {
+            file: self.path.clone(),
+            line: Some(line),
+            message: message.into(),
+        }
+    }
+
+    /// Deserialises the file, turning a TOML or schema error into a located `ConfigError`.
+    pub fn parse<T: serde::de::DeserializeOwned>(&self) -> Result<T, ConfigError> {
+        toml::from_str(&self.text).map_err(|e| {
+            let message = e.message().trim().to_string();
+            match e.span() {
+                Some(span) => self.error_at(span, message),
+                None => ConfigError::file(&self.path, message),
+            }
+        })
+    }
+}
+
+/// `config/gateway.toml` as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawGateway {
+    /// What customers' CNAME records must reach.
+    pub cname_target: Spanned<String>,
+    /// Whether enabling an address needs a filed ICP number (default true).
+    #[serde(default = "default_true")]
+    pub require_icp: bool,
+    #[serde(default)]
+    pub listen: RawListen,
+    pub backend: RawBackend,
+    #[serde(default)]
+    pub platform: RawPlatform,
+    #[serde(default)]
+    pub paths: RawPaths,
+    #[serde(default)]
+    pub limits: RawLimits,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// `[listen]`: each key defaults to SPEC's address; `""` turns that listener off.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawListen {
+    pub https: Option<Spanned<String>>,
+    pub http: Option<Spanned<String>>,
+    pub admin: Option<Spanned<String>>,
+}
+
+/// `[backend]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBackend {
+    pub url: Spanned<String>,
+    pub connect_timeout: Option<Spanned<String>>,
+    pub response_timeout: Option<Spanned<String>>,
+}
+
+/// `[platform]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPlatform {
+    #[serde(default)]
+    pub hosts: Vec<Spanned<String>>,
+}
+
+/// `[paths]`, relative to gateway.toml's folder.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPaths {
+    pub tenants: Option<String>,
+    pub certs: Option<String>,
+}
+
+/// `[limits]`; every key optional.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    pub tls_handshake_timeout: Option<Spanned<String>>,
+    pub header_read_timeout: Option<Spanned<String>>,
+    pub keepalive_timeout: Option<Spanned<String>>,
+    pub shutdown_timeout: Option<Spanned<String>>,
+    pub max_request_header_bytes: Option<Spanned<u64>>,
+    pub max_connections: Option<Spanned<u64>>,
+    pub h2_max_concurrent_streams: Option<Spanned<u64>>,
+    pub backend_max_in_flight: Option<Spanned<u64>>,
+}
+
+/// Tenant edition; `free` cannot use custom logon addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Edition {
+    Free,
+    Standard,
+    Enterprise,
+}
+
+impl Edition {
+    /// The word used in files and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Edition::Free => "free",
+            Edition::Standard => "standard",
+            Edition::Enterprise => "enterprise",
+        }
+    }
+}
+
+impl std::str::FromStr for Edition {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "free" => Ok(Edition::Free),
+            "standard" => Ok(Edition::Standard),
+            "enterprise" => Ok(Edition::Enterprise),
+            other => Err(format!(
+                "unknown edition `{other}`: expected free, standard or enterprise"
+            )),
+        }
+    }
+}
+
+/// CNAME state of a logon address.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CnameState {
+    #[default]
+    Pending,
+    Verified,
+}
+
+/// ICP filing state of a logon address.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IcpState {
+    #[default]
+    Pending,
+    Filed,
+}
+
+/// `config/tenants/<domain>.toml` as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTenant {
+    pub domain: Spanned<String>,
+    pub edition: Spanned<Edition>,
+    #[serde(default)]
+    pub logon: Vec<RawLogon>,
+}
+
+/// One `[[logon]]` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLogon {
+    pub host: Spanned<String>,
+    #[serde(default)]
+    pub cname: CnameState,
+    #[serde(default)]
+    pub icp: IcpState,
+    pub icp_number: Option<String>,
+    pub enabled: Option<Spanned<bool>>,
+}
+
+/// Validated gateway-wide settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    /// Folder of gateway.toml; relative paths resolve against it.
+    pub config_dir: PathBuf,
+    pub cname_target: crate::host::HostName,
+    pub require_icp: bool,
+    pub listen: Listen,
+    pub backend: Backend,
+    pub tenants_dir: PathBuf,
+    pub certs_dir: PathBuf,
+    pub limits: Limits,
+}
+
+/// Listener addresses; `None` is a listener turned off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Listen {
+    pub https: Option<SocketAddr>,
+    pub http: Option<SocketAddr>,
+    pub admin: Option<SocketAddr>,
+}
+
+/// The webmail backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backend {
+    /// `host:port` of the backend (http only).
+    pub authority: http::uri::Authority,
+    /// Path prefix of the backend URL, without trailing slash ("" for none).
+    pub base_path: String,
+    pub connect_timeout: Duration,
+    pub response_timeout: Duration,
+}
+
+/// Listener and upstream limits; see SPEC §2 `[limits]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub tls_handshake_timeout: Duration,
+    pub header_read_timeout: Duration,
+    pub keepalive_timeout: Duration,
+    pub shutdown_timeout: Duration,
+    pub max_request_header_bytes: usize,
+    pub max_connections: usize,
+    pub h2_max_concurrent_streams: u32,
+    pub backend_max_in_flight: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            tls_handshake_timeout: Duration::from_secs(10),
+            header_read_timeout: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(60),
+            shutdown_timeout: Duration::from_secs(30),
+            max_request_header_bytes: 65536,
+            max_connections: 10000,
+            h2_max_concurrent_streams: 100,
+            backend_max_in_flight: 1024,
+        }
+    }
+}
+
+/// Parses gateway.toml into [`Settings`] and the platform host list, collecting every error.
+pub fn load_gateway(src: &Source) -> Result<(Settings, Vec<Spanned<String>>), Vec<ConfigError>> {
+    let raw: RawGateway = src.parse().map_err(|e| vec![e])?;
+    let mut errors = Vec::new();
+    let config_dir = src.path.parent().map(Path::to_path_buf).unwrap_or_default();
+
+    let cname_target = match crate::host::HostName::parse_canonical(raw.cname_target.get_ref()) {
+        Ok(h) => Some(h),
+        Err(e) => {
+            errors.push(src.error_at(raw.cname_target.span(), format!("cname_target: {e}")));
+            None
+        }
+    };
+
+    let mut addr = |v: &Option<Spanned<String>>, key: &str, default: &str| -> Option<SocketAddr> {
+        let (text, span) = match v {
+            Some(s) => (s.get_ref().as_str(), s.span()),
+            None => (default, 0..0),
+        };
+        if text.is_empty() {
+            return None;
+        }
+        match text.parse() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                errors.push(src.error_at(
+                    span,
+                    format!("listen.{key}: `{text}` is not an IP:port address"),
+                ));
+                None
+            }
+        }
+    };
+    let listen = Listen {
+        https: addr(&raw.listen.https, "https", "0.0.0.0:443"),
+        http: addr(&raw.listen.http, "http", "0.0.0.0:80"),
+        admin: addr(&raw.listen.admin, "admin", "127.0.0.1:9901"),
+    };
+    if listen.https.is_none() && listen.http.is_none() {
+        errors.push(ConfigError::file(
+            &src.path,
+            "listen: both https and http are turned off, so nothing would be served",
+        ));
+    }
+
+    let backend = parse_backend(src, &raw.backend, &mut errors);
+
+    let defaults = Limits::default();
+    let mut dur = |v: &Option<Spanned<String>>, key: &str, default: Duration| {
+        v.as_ref()
+            .map_or(Some(default), |s| duration(src, s, key, &mut errors))
+            .unwrap_or(default)
+    };
+    let mut limits = Limits {
+        tls_handshake_timeout: dur(
+            &raw.limits.tls_handshake_timeout,
+            "limits.tls_handshake_timeout",
+            defaults.tls_handshake_timeout,
+        ),
+        header_read_timeout: dur(
+            &raw.limits.header_read_timeout,
+            "limits.header_read_timeout",
+            defaults.header_read_timeout,
+        ),
+        keepalive_timeout: dur(
+            &raw.limits.keepalive_timeout,
+            "limits.keepalive_timeout",
+            defaults.keepalive_timeout,
+        ),
+        shutdown_timeout: dur(
+            &raw.limits.shutdown_timeout,
+            "limits.shutdown_timeout",
+            defaults.shutdown_timeout,
+        ),
+        ..defaults
+    };
+    let mut count = |v: &Option<Spanned<u64>>, key: &str, min: u64, max: u64| -> Option<u64> {
+        let v = v.as_ref()?;
+        let n = *v.get_ref();
+        if n < min || n > max {
+            errors.push(src.error_at(
+                v.span(),
+                format!("{key}: {n} is out of range ({min} to {max})"),
+            ));
+            return None;
+        }
+        Some(n)
+    };
+    if let Some(n) = count(
+        &raw.limits.max_request_header_bytes,
+        "limits.max_request_header_bytes",
+        8192,
+        16 << 20,
+    ) {
+        limits.max_request_header_bytes = n as usize;
+    }
+    if let Some(n) = count(
+        &raw.limits.max_connections,
+        "limits.max_connections",
+        1,
+        1 << 24,
+    ) {
+        limits.max_connections = n as usize;
+    }
+    if let Some(n) = count(
+        &raw.limits.h2_max_concurrent_streams,
+        "limits.h2_max_concurrent_streams",
+        1,
+        u32::MAX as u64,
+    ) {
+        limits.h2_max_concurrent_streams = n as u32;
+    }
+    if let Some(n) = count(
+        &raw.limits.backend_max_in_flight,
+        "limits.backend_max_in_flight",
+        1,
+        1 << 24,
+    ) {
+        limits.backend_max_in_flight = n as usize;
+    }
+
+    let tenants_dir = config_dir.join(raw.paths.tenants.as_deref().unwrap_or("tenants"));
+    let certs_dir = config_dir.join(raw.paths.certs.as_deref().unwrap_or("../certs"));
+
+    match (cname_target, backend) {
+        (Some(cname_target), Some(backend)) if errors.is_empty() => Ok((
+            Settings {
+                config_dir,
+                cname_target,
+                require_icp: raw.require_icp,
+                listen,
+                backend,
+                tenants_dir,
+                certs_dir,
+                limits,
+            },
+            raw.platform.hosts,
+        )),
+        _ => Err(errors),
+    }
+}
+
+fn duration(
+    src: &Source,
+    v: &Spanned<String>,
+    key: &str,
+    errors: &mut Vec<ConfigError>,
+) -> Option<Duration> {
+    match humantime::parse_duration(v.get_ref()) {
+        Ok(d) if !d.is_zero() => Some(d),
+        Ok(_) => {
+            errors.push(src.error_at(
+                v.span(),
+                format!("{key}: a duration of zero is not allowed"),
+            ));
+            None
+        }
+        Err(_) => {
+            errors.push(src.error_at(
+                v.span(),
+                format!(
+                    "{key}: `{}` is not a duration (write e.g. \"2s\" or \"500ms\")",
+                    v.get_ref()
+                ),
+            ));
+            None
+        }
+    }
+}
+
+fn parse_backend(src: &Source, raw: &RawBackend, errors: &mut Vec<ConfigError>) -> Option<Backend> {
+    let connect_timeout = raw
+        .connect_timeout
+        .as_ref()
+        .map_or(Some(Duration::from_secs(2)), |s| {
+            duration(src, s, "backend.connect_timeout", errors)
+        });
+    let response_timeout = raw
+        .response_timeout
+        .as_ref()
+        .map_or(Some(Duration::from_secs(30)), |s| {
+            duration(src, s, "backend.response_timeout", errors)
+        });
+    let url = raw.url.get_ref();
+    let uri: http::Uri = match url.parse() {
+        Ok(u) => u,
+        Err(_) => {
+            errors.push(src.error_at(raw.url.span(), format!("backend.url: `{url}` is not a URL")));
+            return None;
+        }
+    };
+    if uri.scheme_str() != Some("http") {
+        errors.push(src.error_at(
+            raw.url.span(),
+            format!("backend.url: `{url}` must start with http:// (the backend is spoken to in plain HTTP/1.1)"),
+        ));
+        return None;
+    }
+    let Some(authority) = uri.authority().cloned() else {
+        errors.push(src.error_at(raw.url.span(), format!("backend.url: `{url}` has no host")));
+        return None;
+    };
+    if uri.query().is_some() {
+        errors.push(src.error_at(
+            raw.url.span(),
+            format!("backend.url: `{url}` must not have a query string"),
+        ));
+        return None;
+    }
+    let base_path = uri.path().trim_end_matches('/').to_string();
+    Some(Backend {
+        authority,
+        base_path,
+        connect_timeout: connect_timeout?,
+        response_timeout: response_timeout?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn src(text: &str) -> Source {
+        Source {
+            path: "config/gateway.toml".into(),
+            text: text.into(),
+        }
+    }
+
+    #[test]
+    fn minimal_gateway_gets_defaults() {
+        let (s, hosts) = load_gateway(&src(
+            "cname_target = \"logon.provider.test\"\n[backend]\nurl = \"http://127.0.0.1:8080\"\n",
+        ))
+        .expect("valid");
+        assert!(s.require_icp);
+        assert_eq!(s.listen.https, Some("0.0.0.0:443".parse().expect("addr")));
+        assert_eq!(s.backend.connect_timeout, Duration::from_secs(2));
+        assert_eq!(s.limits, Limits::default());
+        assert_eq!(s.tenants_dir, PathBuf::from("config/tenants"));
+        assert!(hosts.is_empty());
+    }
+
+    #[test]
+    fn errors_name_line() {
+        let errs = load_gateway(&src(
+            "cname_target = \"logon.provider.test\"\n[backend]\nurl = \"http://127.0.0.1:8080\"\nconnect_timeout = \"soon\"\n",
+        ))
+        .expect_err("invalid");
+        assert_eq!(errs.len(), 1);
+        assert_eq!(errs[0].line, Some(4));
+        assert!(
+            errs[0]
+                .to_string()
+                .starts_with("config/gateway.toml:4: backend.connect_timeout")
+        );
+
+        let errs = load_gateway(&src(
+            "cname_target = \"logon.provider.test\"\nbogus = 1\n[backend]\nurl = \"http://x\"\n",
+        ))
+        .expect_err("unknown key");
+        assert_eq!(errs[0].line, Some(2));
+        assert!(errs[0].message.contains("bogus"), "{}", errs[0]);
+    }
+
+    #[test]
+    fn https_backend_is_refused() {
+        let errs = load_gateway(&src(
+            "cname_target = \"logon.provider.test\"\n[backend]\nurl = \"https://127.0.0.1:8080\"\n",
+        ))
+        .expect_err("invalid");
+        assert!(errs[0].message.contains("http://"));
+    }
+}

@@ -1,0 +1,312 @@
+//! Forwarding to the webmail backend: a pooled HTTP/1.1 client, proxy headers, streaming bodies
+//! both ways, Upgrade (WebSocket) pass-through and the connect/response timeouts.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri, Version};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::sync::Semaphore;
+
+use crate::config::{Backend, Limits};
+
+/// Why a request could not be forwarded.
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    #[error("backend unreachable: {0}")]
+    Unreachable(String),
+    #[error("backend did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("backend failed: {0}")]
+    Failed(String),
+    #[error("too many requests in flight to the backend")]
+    Busy,
+}
+
+impl ForwardError {
+    /// 502 for a backend that cannot be reached or fails, 504 for one too slow, 503 when our
+    /// own in-flight limit is reached.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ForwardError::Unreachable(_) | ForwardError::Failed(_) => StatusCode::BAD_GATEWAY,
+            ForwardError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ForwardError::Busy => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// A bounded label for logs and metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            ForwardError::Unreachable(_) => "connect",
+            ForwardError::Timeout(_) => "timeout",
+            ForwardError::Failed(_) => "failed",
+            ForwardError::Busy => "busy",
+        }
+    }
+}
+
+/// The pooled connection to the backend, rebuilt only when its settings change.
+pub struct Upstream {
+    client: Client<HttpConnector, Incoming>,
+    backend: Backend,
+    in_flight: Arc<Semaphore>,
+    max_in_flight: usize,
+}
+
+/// Facts about the client side that the backend is told in proxy headers.
+pub struct ClientSide<'a> {
+    pub peer: SocketAddr,
+    pub https: bool,
+    /// The Host the client asked for, as sent (port included).
+    pub authority: &'a HeaderValue,
+    /// `X-Logon-Tenant` value; `None` for platform hosts.
+    pub tenant: Option<&'a HeaderValue>,
+}
+
+impl Upstream {
+    /// A client for `backend`, with keep-alive pooling and `TCP_NODELAY`.
+    pub fn new(backend: &Backend, limits: &Limits) -> Upstream {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(backend.connect_timeout));
+        connector.set_nodelay(true);
+        connector.set_keepalive(Some(Duration::from_secs(60)));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(limits.backend_max_in_flight)
+            .build(connector);
+        Upstream {
+            client,
+            backend: backend.clone(),
+            in_flight: Arc::new(Semaphore::new(limits.backend_max_in_flight)),
+            max_in_flight: limits.backend_max_in_flight,
+        }
+    }
+
+    /// True when a table with these settings can keep using this upstream (and its pool).
+    pub fn fits(&self, backend: &Backend, limits: &Limits) -> bool {
+        self.backend == *backend && self.max_in_flight == limits.backend_max_in_flight
+    }
+
+    /// Sends `req` to the backend and returns its response head with the body streaming.
+    pub async fn forward(
+        &self,
+        mut req: Request<Incoming>,
+        client: &ClientSide<'_>,
+    ) -> Result<Response<Incoming>, ForwardError> {
+        let permit = self
+            .in_flight
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| ForwardError::Busy)?;
+        let upgrade = wants_upgrade(req.headers());
+        let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
+
+        let (mut parts, body) = req.into_parts();
+        parts.uri = self.backend_uri(&parts.uri)?;
+        parts.version = Version::HTTP_11;
+        let headers = &mut parts.headers;
+        strip_hop_by_hop(headers);
+        if let Some(proto) = upgrade {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            headers.insert(header::UPGRADE, proto);
+        }
+        set_proxy_headers(headers, client);
+
+        let sent = self.client.request(Request::from_parts(parts, body));
+        let mut resp = match tokio::time::timeout(self.backend.response_timeout, sent).await {
+            Err(_) => return Err(ForwardError::Timeout(self.backend.response_timeout)),
+            Ok(Err(e)) if e.is_connect() => return Err(ForwardError::Unreachable(error_chain(&e))),
+            Ok(Err(e)) => return Err(ForwardError::Failed(error_chain(&e))),
+            Ok(Ok(r)) => r,
+        };
+
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+            && let Some(client_upgrade) = client_upgrade
+        {
+            let backend_upgrade = hyper::upgrade::on(&mut resp);
+            tokio::spawn(async move {
+                // The permit is held for the life of the tunnel.
+                let _permit = permit;
+                if let (Ok(c), Ok(b)) = tokio::join!(client_upgrade, backend_upgrade) {
+                    let mut c = TokioIo::new(c);
+                    let mut b = TokioIo::new(b);
+                    let _ = tokio::io::copy_bidirectional(&mut c, &mut b).await;
+                }
+            });
+        } else {
+            strip_hop_by_hop(resp.headers_mut());
+        }
+        Ok(resp)
+    }
+
+    fn backend_uri(&self, original: &Uri) -> Result<Uri, ForwardError> {
+        let pq = original.path_and_query().map_or("/", |pq| pq.as_str());
+        let mut b = Uri::builder()
+            .scheme("http")
+            .authority(self.backend.authority.clone());
+        b = if self.backend.base_path.is_empty() {
+            b.path_and_query(pq)
+        } else {
+            b.path_and_query(format!("{}{}", self.backend.base_path, pq))
+        };
+        b.build().map_err(|e| ForwardError::Failed(e.to_string()))
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        cur = inner.source();
+    }
+    s
+}
+
+/// The `Upgrade` protocol when the request asks for one (`Connection: upgrade` + `Upgrade`).
+fn wants_upgrade(headers: &HeaderMap) -> Option<HeaderValue> {
+    let asks = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    if asks {
+        headers.get(header::UPGRADE).cloned()
+    } else {
+        None
+    }
+}
+
+static HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+/// Removes hop-by-hop headers (RFC 9110 §7.6.1), including any the Connection header names,
+/// and `Upgrade` (re-added by the caller for a real upgrade).
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if let Some(conn) = headers.get(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .chain(std::iter::once(conn))
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .collect();
+        for n in named {
+            headers.remove(n);
+        }
+    }
+    for h in &HOP_BY_HOP {
+        headers.remove(h);
+    }
+    headers.remove(header::UPGRADE);
+}
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+/// Names the tenant to the backend; never taken from the client.
+pub static X_LOGON_TENANT: HeaderName = HeaderName::from_static("x-logon-tenant");
+
+fn set_proxy_headers(headers: &mut HeaderMap, client: &ClientSide<'_>) {
+    let ip = client.peer.ip();
+    let ip_text = ip.to_string();
+    let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prev) if !prev.trim().is_empty() => {
+            let all: Vec<&str> = headers
+                .get_all(&X_FORWARDED_FOR)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .collect();
+            format!("{}, {ip_text}", all.join(", "))
+        }
+        _ => ip_text.clone(),
+    };
+    set(headers, &X_FORWARDED_FOR, xff);
+    let proto = if client.https { "https" } else { "http" };
+    headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+    headers.insert(&X_FORWARDED_HOST, client.authority.clone());
+    let host_text = client.authority.to_str().unwrap_or_default();
+    let forwarded = if ip.is_ipv6() {
+        format!("for=\"[{ip_text}]\";host=\"{host_text}\";proto={proto}")
+    } else {
+        format!("for={ip_text};host=\"{host_text}\";proto={proto}")
+    };
+    set(headers, &FORWARDED, forwarded);
+    headers.insert(header::HOST, client.authority.clone());
+    headers.remove(&X_LOGON_TENANT);
+    if let Some(t) = client.tenant {
+        headers.insert(&X_LOGON_TENANT, t.clone());
+    }
+}
+
+fn set(headers: &mut HeaderMap, name: &HeaderName, value: String) {
+    // Only peer IPs and an already-valid Host go in, so this cannot fail; skip rather than panic.
+    if let Ok(v) = HeaderValue::try_from(value) {
+        headers.insert(name, v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_and_connection_named_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn proxy_headers() {
+        let mut h = HeaderMap::new();
+        h.append(&X_FORWARDED_FOR, HeaderValue::from_static("203.0.113.9"));
+        h.insert(&X_LOGON_TENANT, HeaderValue::from_static("evil.example"));
+        let host = HeaderValue::from_static("webmail.example.net:8443");
+        set_proxy_headers(
+            &mut h,
+            &ClientSide {
+                peer: "[::1]:5555".parse().expect("addr"),
+                https: true,
+                authority: &host,
+                tenant: None,
+            },
+        );
+        assert_eq!(h[&X_FORWARDED_FOR], "203.0.113.9, ::1");
+        assert_eq!(
+            h[&FORWARDED],
+            "for=\"[::1]\";host=\"webmail.example.net:8443\";proto=https"
+        );
+        assert_eq!(h[&X_FORWARDED_PROTO], "https");
+        assert_eq!(h[header::HOST], "webmail.example.net:8443");
+        assert!(!h.contains_key(&X_LOGON_TENANT));
+    }
+}

@@ -1,0 +1,23 @@
+//! logon-gate: the edge gateway that makes custom webmail logon addresses real.
+//!
+//! ```text
+//! request:  server (accept, TLS handshake under a timeout)
+//!           -> tls (SNI -> certificate, from the live table)
+//!           -> handler (one request) -> policy (pure decision) -> forward (to the backend)
+//! config:   config (serde file types) -> certs (PEM -> CertifiedKey) -> table (compiled,
+//!           immutable) -> live snapshot (ArcSwap)
+//! operator: cli (clap types, in main.rs) -> ops (check, demo) -> atomic writes
+//! ```
+
+pub mod certs;
+pub mod config;
+pub mod demo;
+pub mod forward;
+pub mod handler;
+pub mod host;
+pub mod ops;
+pub mod pki;
+pub mod policy;
+pub mod server;
+pub mod table;
+pub mod tls;

@@ -1,0 +1,148 @@
+//! The `logon-gate` binary: parses the command line, sets up logging, dispatches, and turns
+//! errors into one sentence on stderr and a non-zero exit code.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use logon_gate::{demo, ops, server};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "logon-gate",
+    version,
+    about = "Edge gateway for custom webmail logon addresses"
+)]
+struct Cli {
+    /// Path of gateway.toml.
+    #[arg(short, long, global = true, default_value = "config/gateway.toml")]
+    config: PathBuf,
+    /// Log level or filter (overrides RUST_LOG), e.g. `info` or `logon_gate=debug`.
+    #[arg(long, global = true)]
+    log_level: Option<String>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the gateway (the default).
+    Serve,
+    /// Validate the configuration and certificates, like `nginx -t`.
+    Check,
+    /// Run the gateway on loopback with a demo backend and throwaway certificates.
+    Demo {
+        /// HTTPS listener for the demo.
+        #[arg(long, default_value = "127.0.0.1:9443")]
+        https: SocketAddr,
+        /// Plain HTTP listener for the demo.
+        #[arg(long, default_value = "127.0.0.1:9080")]
+        http: SocketAddr,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_level.as_deref());
+    let result = match cli.command.unwrap_or(Command::Serve) {
+        Command::Check => check(&cli.config),
+        Command::Serve => runtime().and_then(|rt| rt.block_on(serve(cli.config))),
+        Command::Demo { https, http } => runtime().and_then(|rt| {
+            rt.block_on(run_demo(demo::DemoOptions {
+                https,
+                http,
+                config: cli.config,
+            }))
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(msg) => {
+            eprintln!("logon-gate: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(level: Option<&str>) {
+    use tracing_subscriber::EnvFilter;
+    let filter = match level {
+        Some(l) => EnvFilter::try_new(l).unwrap_or_else(|_| EnvFilter::new("info")),
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))
+}
+
+fn check(config: &std::path::Path) -> Result<(), String> {
+    match ops::check(config) {
+        Ok(table) => {
+            print!("{}", ops::summary(config, &table));
+            Ok(())
+        }
+        Err(errors) => {
+            for e in &errors {
+                eprintln!("{e}");
+            }
+            Err(format!(
+                "{}: configuration is invalid ({} error{})",
+                config.display(),
+                errors.len(),
+                if errors.len() == 1 { "" } else { "s" }
+            ))
+        }
+    }
+}
+
+async fn serve(config: PathBuf) -> Result<(), String> {
+    let running = server::start(&config).await.map_err(|e| e.to_string())?;
+    wait_for_stop(&running).await?;
+    running
+        .wait()
+        .await
+        .map_err(|e| format!("the gateway task failed: {e}"))
+}
+
+/// Waits for SIGTERM or SIGINT and starts a graceful shutdown.
+async fn wait_for_stop(running: &server::Running) -> Result<(), String> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term =
+        signal(SignalKind::terminate()).map_err(|e| format!("cannot watch SIGTERM: {e}"))?;
+    let mut int =
+        signal(SignalKind::interrupt()).map_err(|e| format!("cannot watch SIGINT: {e}"))?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+    running.shutdown();
+    Ok(())
+}
+
+async fn run_demo(opts: demo::DemoOptions) -> Result<(), String> {
+    let backend = demo::start_backend()
+        .await
+        .map_err(|e| format!("cannot start the demo backend: {e}"))?;
+    let setup = demo::prepare(&opts, backend)?;
+    let running = server::start(&setup.gateway_toml)
+        .await
+        .map_err(|e| format!("{e} (change the ports with --https/--http)"))?;
+    let (Some(https), Some(http)) = (running.https, running.http) else {
+        return Err("the demo needs both listeners".into());
+    };
+    println!("{}", demo::instructions(&setup, https, http));
+    wait_for_stop(&running).await?;
+    running
+        .wait()
+        .await
+        .map_err(|e| format!("the gateway task failed: {e}"))
+}

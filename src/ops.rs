@@ -1,0 +1,46 @@
+//! Operator commands that read the configuration: `check` (like `nginx -t`).
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use crate::config::ConfigError;
+use crate::table::{Loader, Table};
+
+/// Validates the configuration at `path` and returns the table, or every error found.
+pub fn check(path: &Path) -> Result<Table, Vec<ConfigError>> {
+    Loader::new(crate::server::provider()).load(path)
+}
+
+/// The short summary `check` prints for a valid configuration.
+pub fn summary(path: &Path, table: &Table) -> String {
+    let mut out = String::new();
+    let logons: usize = table.tenants.iter().map(|t| t.logons.len()).sum();
+    let enabled: usize = table
+        .tenants
+        .iter()
+        .map(|t| t.logons.iter().filter(|l| l.enabled).count())
+        .sum();
+    let _ = writeln!(out, "{}: configuration is valid", path.display());
+    let _ = writeln!(
+        out,
+        "  tenants: {}, logon addresses: {logons} ({enabled} enabled), platform hosts: {}",
+        table.tenants.len(),
+        table.platform_hosts.len()
+    );
+    let _ = writeln!(out, "  certificates: {}", table.certs.len());
+    let mut certs: Vec<_> = table.certs.iter().collect();
+    certs.sort_by_key(|c| c.not_after);
+    for c in certs {
+        let _ = writeln!(
+            out,
+            "    {}  {}  expires in {} days",
+            c.path.display(),
+            c.names.join(","),
+            c.days_left()
+        );
+    }
+    for w in &table.warnings {
+        let _ = writeln!(out, "  warning: {w}");
+    }
+    out
+}

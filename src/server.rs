@@ -1,0 +1,338 @@
+//! Listeners and connections: bind first, then spawn; TLS handshakes under a timeout; HTTP/1.1
+//! and HTTP/2 served by hyper; a connection limit; graceful shutdown that lets in-flight
+//! requests finish within `shutdown_timeout`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use rustls::ServerConfig;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinHandle;
+
+use crate::config::{ConfigError, Limits};
+use crate::forward::Upstream;
+use crate::handler::{self, Conn};
+use crate::table::{Loader, Table};
+
+/// What requests are served from: the table and the upstream built for it, swapped together
+/// so a request never sees a mix of two configurations.
+pub struct Snapshot {
+    pub table: Table,
+    pub upstream: Arc<Upstream>,
+    /// Increases by one with every successful (re)load; 1 at start-up.
+    pub generation: u64,
+}
+
+/// State shared by every connection.
+pub struct Gateway {
+    pub live: ArcSwap<Snapshot>,
+    /// The rustls config connections start from (built once; survives reloads).
+    pub tls: Arc<ServerConfig>,
+    /// The bound HTTPS port, for redirects.
+    pub https_port: Option<u16>,
+    /// Path of gateway.toml.
+    pub config_path: PathBuf,
+    /// Loader with its caches, for reloads.
+    pub loader: std::sync::Mutex<Loader>,
+    conn_slots: Arc<Semaphore>,
+}
+
+impl Gateway {
+    /// The current snapshot.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.live.load_full()
+    }
+}
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("invalid configuration:\n{}", .0.iter().map(|e| format!("  {e}")).collect::<Vec<_>>().join("\n"))]
+    Config(Vec<ConfigError>),
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        addr: SocketAddr,
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("TLS setup failed: {0}")]
+    Tls(#[from] rustls::Error),
+}
+
+/// A started gateway: its bound addresses, a handle to stop it, and its task.
+pub struct Running {
+    pub https: Option<SocketAddr>,
+    pub http: Option<SocketAddr>,
+    pub gateway: Arc<Gateway>,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl Running {
+    /// Stops accepting, lets in-flight requests finish (bounded by `shutdown_timeout`).
+    pub fn shutdown(&self) {
+        let _ = self.stop.send(true);
+    }
+
+    /// Waits until the gateway has stopped; a panic in its task is returned as an error.
+    pub async fn wait(self) -> Result<(), tokio::task::JoinError> {
+        self.task.await
+    }
+}
+
+/// The crypto provider everything uses (aws-lc-rs).
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// Loads the configuration, binds the listeners and starts serving. Returns once the sockets
+/// are bound, so the addresses in `Running` accept connections.
+pub async fn start(config_path: &Path) -> Result<Running, StartError> {
+    let provider = provider();
+    let mut loader = Loader::new(provider.clone());
+    let path = config_path.to_path_buf();
+    let (table, loader) = tokio::task::spawn_blocking(move || {
+        let t = loader.load(&path);
+        (t, loader)
+    })
+    .await
+    .map_err(|e| StartError::Config(vec![ConfigError::file(config_path, e.to_string())]))?;
+    let table = table.map_err(StartError::Config)?;
+    for w in &table.warnings {
+        tracing::warn!("{w}");
+    }
+    let listen = table.settings.listen;
+    let limits = table.settings.limits;
+    let bind = |addr: Option<SocketAddr>, what: &'static str| async move {
+        match addr {
+            None => Ok(None),
+            Some(addr) => TcpListener::bind(addr)
+                .await
+                .map(Some)
+                .map_err(|source| StartError::Bind { addr, what, source }),
+        }
+    };
+    let https = bind(listen.https, "https").await?;
+    let http = bind(listen.http, "http").await?;
+    let https_addr = https.as_ref().and_then(|l| l.local_addr().ok());
+    let http_addr = http.as_ref().and_then(|l| l.local_addr().ok());
+
+    let upstream = Arc::new(Upstream::new(&table.settings.backend, &limits));
+    let gateway = Arc::new(Gateway {
+        live: ArcSwap::from_pointee(Snapshot {
+            table,
+            upstream,
+            generation: 1,
+        }),
+        tls: crate::tls::base_config(provider)?,
+        https_port: https_addr.map(|a| a.port()),
+        config_path: config_path.to_path_buf(),
+        loader: std::sync::Mutex::new(loader),
+        conn_slots: Arc::new(Semaphore::new(limits.max_connections)),
+    });
+
+    let (stop, stop_rx) = watch::channel(false);
+    let graceful = Arc::new(GracefulShutdown::new());
+    let mut loops = Vec::new();
+    if let Some(l) = https {
+        loops.push(tokio::spawn(accept_loop(
+            l,
+            true,
+            gateway.clone(),
+            stop_rx.clone(),
+            graceful.clone(),
+        )));
+    }
+    if let Some(l) = http {
+        loops.push(tokio::spawn(accept_loop(
+            l,
+            false,
+            gateway.clone(),
+            stop_rx.clone(),
+            graceful.clone(),
+        )));
+    }
+    tracing::info!(
+        https = ?https_addr,
+        http = ?http_addr,
+        hosts = gateway.snapshot().table.host_count(),
+        "logon-gate listening"
+    );
+
+    let gw = gateway.clone();
+    let mut stop_wait = stop_rx;
+    let task = tokio::spawn(async move {
+        stopped(&mut stop_wait).await;
+        for l in loops {
+            let _ = l.await;
+        }
+        // The accept loops held the other references; they have returned.
+        let Ok(graceful) = Arc::try_unwrap(graceful) else {
+            tracing::error!("connections still being accepted at shutdown");
+            return;
+        };
+        let grace = gw.snapshot().table.settings.limits.shutdown_timeout;
+        tracing::info!(
+            open = graceful.count(),
+            "shutting down; waiting for in-flight requests"
+        );
+        if tokio::time::timeout(grace, graceful.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                ?grace,
+                "shutdown timeout reached; closing remaining connections"
+            );
+        }
+    });
+
+    Ok(Running {
+        https: https_addr,
+        http: http_addr,
+        gateway,
+        stop,
+        task,
+    })
+}
+
+/// Resolves once a stop was requested (or the sender is gone).
+async fn stopped(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    https: bool,
+    gw: Arc<Gateway>,
+    mut stop: watch::Receiver<bool>,
+    graceful: Arc<GracefulShutdown>,
+) {
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = stopped(&mut stop) => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off briefly instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(slot) = gw.conn_slots.clone().try_acquire_owned() else {
+            // Over max_connections: close at once rather than queue.
+            drop(tcp);
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let gw = gw.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let _slot = slot;
+            if https {
+                serve_tls(tcp, peer, gw, watcher).await;
+            } else {
+                let conn = Arc::new(Conn {
+                    gateway: gw.clone(),
+                    peer,
+                    tls: None,
+                });
+                serve_http(TokioIo::new(tcp), conn, None, watcher).await;
+            }
+        });
+    }
+}
+
+async fn serve_tls(tcp: TcpStream, peer: SocketAddr, gw: Arc<Gateway>, watcher: Watcher) {
+    let limits = gw.snapshot().table.settings.limits;
+    let lookup = |sni: &str| gw.snapshot().table.cert_for(sni).cloned();
+    let handshake = crate::tls::accept(tcp, &gw.tls, lookup);
+    let (stream, sni, cert) =
+        match tokio::time::timeout(limits.tls_handshake_timeout, handshake).await {
+            Err(_) => {
+                tracing::debug!(%peer, "TLS handshake timed out");
+                return;
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, error = %e, "TLS handshake refused");
+                return;
+            }
+            Ok(Ok(x)) => x,
+        };
+    let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+    let conn = Arc::new(Conn {
+        gateway: gw.clone(),
+        peer,
+        tls: Some((sni, cert)),
+    });
+    serve_http(TokioIo::new(stream), conn, Some(h2), watcher).await;
+}
+
+/// Serves HTTP on one connection. `h2`: `Some` when ALPN decided the protocol, `None` on plain
+/// HTTP (HTTP/1.1, or HTTP/2 with prior knowledge).
+async fn serve_http<IO>(io: IO, conn: Arc<Conn>, h2: Option<bool>, watcher: Watcher)
+where
+    IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let limits = conn.gateway.snapshot().table.settings.limits;
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder = match h2 {
+        Some(true) => builder.http2_only(),
+        Some(false) => builder.http1_only(),
+        None => builder,
+    };
+    configure(&mut builder, &limits);
+    let svc_conn = conn.clone();
+    let svc = service_fn(move |req| handler::handle(svc_conn.clone(), req));
+    let served = builder.serve_connection_with_upgrades(io, svc).into_owned();
+    if let Err(e) = watcher.watch(served).await {
+        tracing::debug!(peer = %conn.peer, error = %e, "connection ended with an error");
+    }
+}
+
+fn configure(builder: &mut auto::Builder<TokioExecutor>, limits: &Limits) {
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_request_header_bytes.max(8192))
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.h2_max_concurrent_streams)
+        .max_header_list_size(limits.max_request_header_bytes.min(u32::MAX as usize) as u32)
+        .keep_alive_interval(Some(limits.keepalive_timeout))
+        .keep_alive_timeout(Duration::from_secs(20));
+}
+
+/// Builds the snapshot a table is served from, keeping `previous`'s upstream (and its
+/// connection pool) when the backend settings did not change.
+pub fn snapshot_for(table: Table, previous: Option<&Snapshot>) -> Snapshot {
+    let limits = table.settings.limits;
+    let (upstream, generation) = match previous {
+        Some(p) if p.upstream.fits(&table.settings.backend, &limits) => {
+            (p.upstream.clone(), p.generation + 1)
+        }
+        Some(p) => (
+            Arc::new(Upstream::new(&table.settings.backend, &limits)),
+            p.generation + 1,
+        ),
+        None => (Arc::new(Upstream::new(&table.settings.backend, &limits)), 1),
+    };
+    Snapshot {
+        table,
+        upstream,
+        generation,
+    }
+}

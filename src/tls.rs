@@ -1,0 +1,122 @@
+//! TLS: read the ClientHello, choose the certificate for its SNI from the live table (exact
+//! before wildcard), refuse unknown or missing SNI with `unrecognized_name` as nginx's
+//! `ssl_reject_handshake` does, then finish the handshake with rustls.
+
+use std::io;
+use std::sync::Arc;
+
+use rustls::ServerConfig;
+use rustls::server::{ClientHello, ResolvesServerCert, ServerSessionMemoryCache};
+use rustls::sign::CertifiedKey;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio_rustls::LazyConfigAcceptor;
+use tokio_rustls::server::TlsStream;
+
+use crate::certs::CertEntry;
+use crate::host::{self, HostBuf};
+
+/// A fatal `unrecognized_name` (112) alert record, sent in plaintext in answer to the
+/// ClientHello: rustls has no API to send it, and answering a resolver miss with rustls' own
+/// `access_denied` would tell clients the wrong thing.
+const UNRECOGNIZED_NAME_ALERT: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x70];
+
+/// Why a handshake did not complete.
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    #[error("the ClientHello has no SNI")]
+    NoSni,
+    #[error("no certificate for SNI {0}")]
+    UnknownSni(String),
+    #[error("TLS protocol error: {0}")]
+    Protocol(io::Error),
+}
+
+impl HandshakeError {
+    /// A bounded label for logs and metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            HandshakeError::NoSni | HandshakeError::UnknownSni(_) => "unknown_sni",
+            HandshakeError::Protocol(_) => "protocol_error",
+        }
+    }
+}
+
+/// The ServerConfig every connection starts from: TLS 1.2 and 1.3 only, AEAD suites only (the
+/// provider's defaults), ALPN h2 then http/1.1, a shared session cache and ticketer so that
+/// resumption works across connections and survives reloads.
+pub fn base_config(
+    provider: Arc<rustls::crypto::CryptoProvider>,
+) -> Result<Arc<ServerConfig>, rustls::Error> {
+    let mut cfg = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(Chosen(None)));
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    cfg.session_storage = ServerSessionMemoryCache::new(20_000);
+    cfg.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new()?;
+    Ok(Arc::new(cfg))
+}
+
+/// The certificate chosen for this connection from its ClientHello.
+#[derive(Debug)]
+struct Chosen(Option<Arc<CertifiedKey>>);
+
+impl ResolvesServerCert for Chosen {
+    fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.0.clone()
+    }
+}
+
+/// Runs the server side of a handshake on `io`. `lookup` maps a normalised SNI to its
+/// certificate (it reads the live table after the ClientHello has arrived). On success returns
+/// the stream, the normalised SNI and the certificate presented.
+pub async fn accept<IO, F>(
+    io: IO,
+    base: &Arc<ServerConfig>,
+    lookup: F,
+) -> Result<(TlsStream<IO>, Box<str>, Arc<CertEntry>), HandshakeError>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+    F: FnOnce(&str) -> Option<Arc<CertEntry>>,
+{
+    let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io)
+        .await
+        .map_err(HandshakeError::Protocol)?;
+    let mut buf: HostBuf = [0; host::MAX_HOST_LEN + 2];
+    let hello = start.client_hello();
+    let sni = match hello.server_name() {
+        None => None,
+        Some(raw) => Some(
+            host::normalize_authority(raw.as_bytes(), &mut buf)
+                .map(Box::<str>::from)
+                .ok_or_else(|| raw.to_string()),
+        ),
+    };
+    let chosen = match &sni {
+        Some(Ok(name)) => lookup(name),
+        _ => None,
+    };
+    let Some(entry) = chosen else {
+        let mut io = start.io;
+        // Best effort: the client may already be gone.
+        let _ = io.write_all(&UNRECOGNIZED_NAME_ALERT).await;
+        let _ = io.shutdown().await;
+        return Err(match sni {
+            None => HandshakeError::NoSni,
+            Some(Ok(n)) => HandshakeError::UnknownSni(n.into()),
+            Some(Err(raw)) => HandshakeError::UnknownSni(raw),
+        });
+    };
+    let Some(Ok(sni)) = sni else {
+        return Err(HandshakeError::NoSni);
+    };
+    // One small clone per handshake pins the exact certificate this connection presents, so the
+    // 421 check later compares against what the client really saw, even across a reload.
+    let mut config = (**base).clone();
+    config.cert_resolver = Arc::new(Chosen(Some(entry.key.clone())));
+    let stream = start
+        .into_stream(Arc::new(config))
+        .await
+        .map_err(HandshakeError::Protocol)?;
+    Ok((stream, sni, entry))
+}
