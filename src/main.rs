@@ -74,6 +74,7 @@ fn init_tracing(level: Option<&str>) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }
 
@@ -106,6 +107,12 @@ fn check(config: &std::path::Path) -> Result<(), String> {
 
 async fn serve(config: PathBuf) -> Result<(), String> {
     let running = server::start(&config).await.map_err(|e| e.to_string())?;
+    // One plain line on stdout, so scripts (and tests) learn the bound ports.
+    println!(
+        "listening https={} http={}",
+        running.https.map_or("off".into(), |a| a.to_string()),
+        running.http.map_or("off".into(), |a| a.to_string())
+    );
     wait_for_stop(&running).await?;
     running
         .wait()

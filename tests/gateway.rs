@@ -1,0 +1,297 @@
+//! End-to-end: the real gateway on port 0, a real backend, real TLS clients over HTTP/1.1 and
+//! HTTP/2 that trust only the test CA.
+
+mod support;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::StatusCode;
+use support::*;
+use tokio_tungstenite::tungstenite::Message;
+
+#[tokio::test]
+async fn certificate_is_chosen_per_sni() {
+    let backend = Backend::start().await;
+    let f = Fixture::new(&backend.url(), "");
+    let gw = f.start().await;
+    let https = gw.https.expect("https");
+    let ca = f.pki.ca_der();
+    let cfg = client_config(&ca, &[b"http/1.1"], true);
+
+    // Exact name: its own certificate, even though the wildcard also covers it.
+    let tls = tls_connect(https, cfg.clone(), "webmail.example.net").await.expect("exact");
+    assert_eq!(presented(&tls), f.cert_der("webmail.example.net.pem"));
+    // Wildcard: another name under example.net.
+    let tls = tls_connect(https, cfg.clone(), "mail.example.net").await.expect("wildcard");
+    assert_eq!(presented(&tls), f.cert_der("wildcard.pem"));
+    // Case and trailing dot in SNI do not matter.
+    let tls = tls_connect(https, cfg.clone(), "Mail.Provider.Test").await.expect("platform");
+    assert_eq!(presented(&tls), f.cert_der("platform.pem"));
+    // No certificate: refused in the handshake with unrecognized_name.
+    for sni in ["webmail.example.org", "a.b.example.net", "unknown.test"] {
+        let err = tls_connect(https, cfg.clone(), sni).await.expect_err(sni);
+        assert_eq!(alert_of(&err), Some(rustls::AlertDescription::UnrecognisedName), "{sni}: {err}");
+    }
+    // No SNI at all: refused the same way.
+    let no_sni = client_config(&ca, &[b"http/1.1"], false);
+    let err = tls_connect(https, no_sni, "webmail.example.net").await.expect_err("no SNI");
+    assert_eq!(alert_of(&err), Some(rustls::AlertDescription::UnrecognisedName), "{err}");
+    assert_eq!(backend.hits(), 0);
+    gw.shutdown();
+    gw.wait().await.expect("gateway task");
+}
+
+async fn policy_rows(h2: bool) {
+    let backend = Backend::start().await;
+    let f = Fixture::new(&backend.url(), "");
+    let gw = f.start().await;
+    let https = gw.https.expect("https");
+    let http = gw.http.expect("http");
+    let ca = f.pki.ca_der();
+
+    // Enabled address: forwarded.
+    let mut c = https_client(https, &ca, "webmail.example.net", h2).await;
+    let r = c.get("webmail.example.net", "/inbox").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.json()["path"], "/inbox");
+    assert_eq!(backend.hits(), 1);
+
+    // Host differs from SNI and this connection's certificate does not cover it: 421.
+    let r = c.get("mail.example.net", "/").await;
+    assert_eq!(r.status, StatusCode::MISDIRECTED_REQUEST, "{}", r.text());
+    assert!(r.text().contains("not covered by the certificate"), "{}", r.text());
+
+    // On a wildcard connection, another covered name is judged on its own (HTTP/2 reuse).
+    let mut w = https_client(https, &ca, "mail.example.net", h2).await;
+    let r = w.get("webmail.example.net", "/").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(backend.hits(), 2);
+    // Configured but not enabled: 403, saying why.
+    let r = w.get("mail.example.net", "/").await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    assert!(r.text().contains("not enabled"), "{}", r.text());
+    // Neither a platform host nor a logon address: 421.
+    let r = w.get("nobody.example.net", "/").await;
+    assert_eq!(r.status, StatusCode::MISDIRECTED_REQUEST);
+    assert!(r.text().contains("not a logon address"), "{}", r.text());
+    // Platform host over its own certificate: forwarded.
+    let mut p = https_client(https, &ca, "mail.provider.test", h2).await;
+    assert_eq!(p.get("mail.provider.test", "/").await.status, StatusCode::OK);
+    assert_eq!(backend.hits(), 3);
+
+    // Plain HTTP.
+    let mut c = http_client(http).await;
+    // Free tenant: 403.
+    let r = c.get("webmail.example.com", "/").await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    assert!(r.text().contains("edition"), "{}", r.text());
+    // Enabled with a certificate: 308 to the same URL over HTTPS.
+    let r = c.get("WebMail.Example.Net.", "/a/b?c=d").await;
+    assert_eq!(r.status, StatusCode::PERMANENT_REDIRECT);
+    assert_eq!(
+        r.headers["location"],
+        format!("https://webmail.example.net:{}/a/b?c=d", https.port()).as_str()
+    );
+    // Enabled without a certificate: forwarded over plain HTTP.
+    let r = c.get("webmail.example.org:80", "/").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    // Unknown: 421.
+    assert_eq!(c.get("example.org", "/").await.status, StatusCode::MISDIRECTED_REQUEST);
+    // Missing Host: 400.
+    let r = c.send("GET", None, "/", &[], Bytes::new()).await.expect("request");
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert_eq!(backend.hits(), 4, "refusals must not reach the backend");
+    gw.shutdown();
+    gw.wait().await.expect("gateway task");
+}
+
+#[tokio::test]
+async fn policy_rows_http1() {
+    policy_rows(false).await;
+}
+
+#[tokio::test]
+async fn policy_rows_http2() {
+    policy_rows(true).await;
+}
+
+#[tokio::test]
+async fn malformed_hosts_are_400_and_never_forwarded() {
+    let backend = Backend::start().await;
+    let f = Fixture::new(&backend.url(), "");
+    let gw = f.start().await;
+    let http = gw.http.expect("http");
+    for bad in ["a b.example.net", "webmail.example.net:x", "[::1", "webmail..example.net"] {
+        let mut c = http_client(http).await;
+        let r = c.send("GET", Some(bad), "/", &[], Bytes::new()).await.expect("request");
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{bad}");
+    }
+    // Two Host headers.
+    let mut c = http_client(http).await;
+    let r = c
+        .send("GET", Some("webmail.example.org"), "/", &[("host", "evil.example.org")], Bytes::new())
+        .await
+        .expect("request");
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert_eq!(backend.hits(), 0);
+    gw.shutdown();
+    gw.wait().await.expect("gateway task");
+}
+
+async fn forwarded_headers(h2: bool) {
+    let backend = Backend::start().await;
+    let f = Fixture::new(&backend.url(), "");
+    let gw = f.start().await;
+    let https = gw.https.expect("https");
+    let mut c = https_client(https, &f.pki.ca_der(), "webmail.example.net", h2).await;
+    let mut headers = vec![
+        ("x-forwarded-for", "203.0.113.7"),
+        ("x-logon-tenant", "someone-else.example"),
+        ("forwarded", "for=203.0.113.7"),
+        ("x-forwarded-proto", "http"),
+    ];
+    if !h2 {
+        headers.extend([
+            ("connection", "keep-alive, x-hop"),
+            ("x-hop", "secret"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-authorization", "Basic Zm9vOmJhcg=="),
+        ]);
+    }
+    let host = format!("webmail.example.net:{}", https.port());
+    let r = c
+        .send("GET", Some(&host), "/h?x=1", &headers, Bytes::new())
+        .await
+        .expect("request");
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let j = r.json();
+    assert_eq!(j["path"], "/h");
+    assert_eq!(seen_headers(&j, "host"), vec![host.clone()]);
+    assert_eq!(seen_headers(&j, "x-forwarded-for"), vec!["203.0.113.7, 127.0.0.1"]);
+    assert_eq!(seen_headers(&j, "x-forwarded-proto"), vec!["https"]);
+    assert_eq!(seen_headers(&j, "x-forwarded-host"), vec![host.clone()]);
+    assert_eq!(
+        seen_headers(&j, "forwarded"),
+        vec![format!("for=127.0.0.1;host=\"{host}\";proto=https")]
+    );
+    assert_eq!(seen_headers(&j, "x-logon-tenant"), vec!["example.net"]);
+    for hop in ["x-hop", "keep-alive", "proxy-authorization", "te", "upgrade"] {
+        assert!(seen_headers(&j, hop).is_empty(), "{hop} was forwarded");
+    }
+    // Hop-by-hop headers from the backend do not come back either.
+    assert!(!r.headers.contains_key("x-backend-hop"), "{:?}", r.headers);
+    assert!(!r.headers.contains_key("connection"), "{:?}", r.headers);
+
+    // A platform host: no X-Logon-Tenant, and the client's copy is still removed.
+    let mut p = https_client(https, &f.pki.ca_der(), "mail.provider.test", h2).await;
+    let r = p
+        .send("GET", Some("mail.provider.test"), "/", &[("x-logon-tenant", "forged")], Bytes::new())
+        .await
+        .expect("request");
+    assert!(seen_headers(&r.json(), "x-logon-tenant").is_empty());
+    gw.shutdown();
+    gw.wait().await.expect("gateway task");
+}
+
+#[tokio::test]
+async fn forwarded_headers_http1() {
+    forwarded_headers(false).await;
+}
+
+#[tokio::test]
+async fn forwarded_headers_http2() {
+    forwarded_headers(true).await;
+}
+
+#[tokio::test]
+async fn websocket_passes_through() {
+    let backend = Backend::start().await;
+    let f = Fixture::new(&backend.url(), "");
+    let gw = f.start().await;
+    let https = gw.https.expect("https");
+    let tls = tls_connect(
+        https,
+        client_config(&f.pki.ca_der(), &[b"http/1.1"], true),
+        "webmail.example.net",
+    )
+    .await
+    .expect("tls");
+    let (mut ws, resp) = tokio_tungstenite::client_async("wss://webmail.example.net/ws", tls)
+        .await
+        .expect("websocket handshake through the gateway");
+    assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
+    for i in 0..20 {
+        let text = format!("hello {i}");
+        ws.send(Message::text(text.clone())).await.expect("send");
+        let got = ws.next().await.expect("message").expect("frame");
+        assert_eq!(got.into_text().expect("text").as_str(), text);
+    }
+    ws.close(None).await.expect("close");
+    gw.shutdown();
+    gw.wait().await.expect("gateway task");
+}
+
+async fn big_bodies(h2: bool) {
+    let backend = Backend::start().await;
+    let f = Fixture::new(&backend.url(), "");
+    let gw = f.start().await;
+    let mut c = https_client(gw.https.expect("https"), &f.pki.ca_der(), "webmail.example.net", h2).await;
+    let size = 5 * 1024 * 1024;
+    let upload = Bytes::from(pattern(size + 17).into_iter().rev().collect::<Vec<u8>>());
+    let r = c
+        .send("POST", Some("webmail.example.net"), "/echo", &[], upload.clone())
+        .await
+        .expect("upload");
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.body.len(), upload.len());
+    assert!(r.body == upload, "uploaded body came back altered");
+    let r = c.get("webmail.example.net", &format!("/download?n={size}")).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.body.len(), size);
+    assert!(r.body == pattern(size), "downloaded body altered");
+    gw.shutdown();
+    gw.wait().await.expect("gateway task");
+}
+
+#[tokio::test]
+async fn five_megabytes_each_way_http1() {
+    big_bodies(false).await;
+}
+
+#[tokio::test]
+async fn five_megabytes_each_way_http2() {
+    big_bodies(true).await;
+}
+
+#[tokio::test]
+async fn backend_unreachable_is_502_and_slow_is_504() {
+    // A port that was just free: nothing listens there.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let f = Fixture::new(&format!("http://{dead}"), "");
+    let gw = f.start().await;
+    let mut c = https_client(gw.https.expect("https"), &f.pki.ca_der(), "webmail.example.net", false).await;
+    let r = c.get("webmail.example.net", "/").await;
+    assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", r.text());
+    assert!(r.text().contains("unreachable"), "{}", r.text());
+    gw.shutdown();
+    gw.wait().await.expect("gateway task");
+
+    let backend = Backend::start().await;
+    let f = Fixture::new(&backend.url(), "");
+    let text = std::fs::read_to_string(f.gateway_toml())
+        .expect("read")
+        .replace("response_timeout = \"5s\"", "response_timeout = \"300ms\"");
+    std::fs::write(f.gateway_toml(), text).expect("write");
+    let gw = f.start().await;
+    let mut c = https_client(gw.https.expect("https"), &f.pki.ca_der(), "webmail.example.net", true).await;
+    let r = c.get("webmail.example.net", "/slow?ms=3000").await;
+    assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT, "{}", r.text());
+    // A fast request on the same connection is still served.
+    let r = c.get("webmail.example.net", "/slow?ms=10").await;
+    assert_eq!(r.status, StatusCode::OK);
+    gw.shutdown();
+    gw.wait().await.expect("gateway task");
+}
