@@ -82,10 +82,18 @@ fn bench(c: &mut Criterion) {
         let mut g = c.benchmark_group("decision");
         g.bench_function(BenchmarkId::new("hot", size), |b| {
             let (sni, authority) = &picks[0];
-            let facts = TlsFacts { sni, cert: &certs[0] };
+            let facts = TlsFacts {
+                sni,
+                cert: &certs[0],
+            };
             b.iter(|| {
                 let mut buf: HostBuf = [0; MAX_HOST_LEN + 2];
-                let d = decide(&t, Some(&facts), Some(black_box(authority.as_bytes())), &mut buf);
+                let d = decide(
+                    &t,
+                    Some(&facts),
+                    Some(black_box(authority.as_bytes())),
+                    &mut buf,
+                );
                 black_box(d.label());
             })
         });
@@ -94,9 +102,17 @@ fn bench(c: &mut Criterion) {
             b.iter(|| {
                 i = (i + 1) % picks.len();
                 let (sni, authority) = &picks[i];
-                let facts = TlsFacts { sni, cert: &certs[i] };
+                let facts = TlsFacts {
+                    sni,
+                    cert: &certs[i],
+                };
                 let mut buf: HostBuf = [0; MAX_HOST_LEN + 2];
-                let d = decide(&t, Some(&facts), Some(black_box(authority.as_bytes())), &mut buf);
+                let d = decide(
+                    &t,
+                    Some(&facts),
+                    Some(black_box(authority.as_bytes())),
+                    &mut buf,
+                );
                 black_box(d.label());
             })
         });

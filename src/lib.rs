@@ -5,7 +5,8 @@
 //!           -> tls (SNI -> certificate, from the live table)
 //!           -> handler (one request) -> policy (pure decision) -> forward (to the backend)
 //! config:   config (serde file types) -> certs (PEM -> CertifiedKey) -> table (compiled,
-//!           immutable) -> live snapshot (ArcSwap)
+//!           immutable) -> live snapshot (ArcSwap) <- reload (watcher, SIGHUP,
+//!           debounce, rebuild off the async threads, publish or keep)
 //! operator: cli (clap types, in main.rs) -> ops (check, demo) -> atomic writes
 //! ```
 
@@ -18,6 +19,7 @@ pub mod host;
 pub mod ops;
 pub mod pki;
 pub mod policy;
+pub mod reload;
 pub mod server;
 pub mod table;
 pub mod tls;

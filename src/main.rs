@@ -75,6 +75,8 @@ fn init_tracing(level: Option<&str>) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        // A closed stderr must not take the gateway down (eprintln! would panic).
+        .log_internal_errors(false)
         .init();
 }
 

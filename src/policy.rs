@@ -209,11 +209,11 @@ host = "webmail.example.com"
         }
     }
 
-    fn run<'b>(
+    fn run(
         f: &Fixture,
         tls: Option<(&str, &CertEntry)>,
         authority: Option<&str>,
-        buf: &'b mut HostBuf,
+        buf: &mut HostBuf,
     ) -> (&'static str, StatusCode) {
         let facts = tls.map(|(sni, cert)| TlsFacts { sni, cert });
         let d = decide(&f.table, facts.as_ref(), authority.map(str::as_bytes), buf);

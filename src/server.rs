@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -14,7 +15,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use rustls::ServerConfig;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::{ConfigError, Limits};
@@ -42,10 +43,41 @@ pub struct Gateway {
     pub config_path: PathBuf,
     /// Loader with its caches, for reloads.
     pub loader: std::sync::Mutex<Loader>,
-    conn_slots: Arc<Semaphore>,
+    /// Outcome of the last reload.
+    pub status: std::sync::Mutex<crate::reload::ReloadStatus>,
+    /// Open client connections, against `limits.max_connections` (which may change on reload).
+    open_connections: Arc<AtomicUsize>,
+    max_connections: AtomicUsize,
+}
+
+/// Holds one connection's place under `max_connections`.
+struct ConnSlot(Arc<AtomicUsize>);
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Gateway {
+    /// Applies limits that live outside the table (the connection cap) after a reload.
+    pub fn apply_limits(&self, limits: &Limits) {
+        self.max_connections
+            .store(limits.max_connections, Ordering::Relaxed);
+    }
+
+    /// Number of client connections open now.
+    pub fn open_connections(&self) -> usize {
+        self.open_connections.load(Ordering::Relaxed)
+    }
+
+    fn try_slot(&self) -> Option<ConnSlot> {
+        let max = self.max_connections.load(Ordering::Relaxed);
+        let before = self.open_connections.fetch_add(1, Ordering::AcqRel);
+        let slot = ConnSlot(self.open_connections.clone());
+        (before < max).then_some(slot)
+    }
+
     /// The current snapshot.
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.live.load_full()
@@ -136,7 +168,9 @@ pub async fn start(config_path: &Path) -> Result<Running, StartError> {
         https_port: https_addr.map(|a| a.port()),
         config_path: config_path.to_path_buf(),
         loader: std::sync::Mutex::new(loader),
-        conn_slots: Arc::new(Semaphore::new(limits.max_connections)),
+        status: std::sync::Mutex::new(crate::reload::ReloadStatus::initial()),
+        open_connections: Arc::new(AtomicUsize::new(0)),
+        max_connections: AtomicUsize::new(limits.max_connections),
     });
 
     let (stop, stop_rx) = watch::channel(false);
@@ -167,6 +201,7 @@ pub async fn start(config_path: &Path) -> Result<Running, StartError> {
         "logon-gate listening"
     );
 
+    let reloader = tokio::spawn(crate::reload::Reloader::new(gateway.clone()).run(stop_rx.clone()));
     let gw = gateway.clone();
     let mut stop_wait = stop_rx;
     let task = tokio::spawn(async move {
@@ -174,6 +209,7 @@ pub async fn start(config_path: &Path) -> Result<Running, StartError> {
         for l in loops {
             let _ = l.await;
         }
+        let _ = reloader.await;
         // The accept loops held the other references; they have returned.
         let Ok(graceful) = Arc::try_unwrap(graceful) else {
             tracing::error!("connections still being accepted at shutdown");
@@ -205,7 +241,7 @@ pub async fn start(config_path: &Path) -> Result<Running, StartError> {
 }
 
 /// Resolves once a stop was requested (or the sender is gone).
-async fn stopped(rx: &mut watch::Receiver<bool>) {
+pub(crate) async fn stopped(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
 }
 
@@ -229,7 +265,7 @@ async fn accept_loop(
                 }
             },
         };
-        let Ok(slot) = gw.conn_slots.clone().try_acquire_owned() else {
+        let Some(slot) = gw.try_slot() else {
             // Over max_connections: close at once rather than queue.
             drop(tcp);
             continue;

@@ -84,14 +84,11 @@ where
         .map_err(HandshakeError::Protocol)?;
     let mut buf: HostBuf = [0; host::MAX_HOST_LEN + 2];
     let hello = start.client_hello();
-    let sni = match hello.server_name() {
-        None => None,
-        Some(raw) => Some(
-            host::normalize_authority(raw.as_bytes(), &mut buf)
-                .map(Box::<str>::from)
-                .ok_or_else(|| raw.to_string()),
-        ),
-    };
+    let sni = hello.server_name().map(|raw| {
+        host::normalize_authority(raw.as_bytes(), &mut buf)
+            .map(Box::<str>::from)
+            .ok_or_else(|| raw.to_string())
+    });
     let chosen = match &sni {
         Some(Ok(name)) => lookup(name),
         _ => None,

@@ -49,28 +49,49 @@ fn valid_configuration_passes_with_a_summary() {
     let (ok, out, err) = check(&f);
     assert!(ok, "{err}");
     assert!(out.contains("configuration is valid"), "{out}");
-    assert!(out.contains("tenants: 3, logon addresses: 4 (2 enabled), platform hosts: 1"), "{out}");
+    assert!(
+        out.contains("tenants: 3, logon addresses: 4 (2 enabled), platform hosts: 1"),
+        "{out}"
+    );
     assert!(out.contains("certificates: 3"), "{out}");
-    assert!(out.contains("expires in 89 days") || out.contains("expires in 90 days"), "{out}");
+    assert!(
+        out.contains("expires in 89 days") || out.contains("expires in 90 days"),
+        "{out}"
+    );
 }
 
 #[test]
 fn host_must_lie_below_the_tenant_domain() {
     let f = fixture();
-    f.write_tenant("example.net", &EXAMPLE_NET.replace("\"mail.example.net\"", "\"mail.example.org\""));
+    f.write_tenant(
+        "example.net",
+        &EXAMPLE_NET.replace("\"mail.example.net\"", "\"mail.example.org\""),
+    );
     assert_refused(&f, "example.net.toml", Some(13), "does not lie below");
-    f.write_tenant("example.net", &EXAMPLE_NET.replace("\"mail.example.net\"", "\"example.net\""));
+    f.write_tenant(
+        "example.net",
+        &EXAMPLE_NET.replace("\"mail.example.net\"", "\"example.net\""),
+    );
     assert_refused(&f, "example.net.toml", Some(13), "does not lie below");
 }
 
 #[test]
 fn host_must_be_well_formed_and_canonical() {
     let f = fixture();
-    f.write_tenant("example.net", &EXAMPLE_NET.replace("\"mail.example.net\"", "\"Mail.Example.net\""));
+    f.write_tenant(
+        "example.net",
+        &EXAMPLE_NET.replace("\"mail.example.net\"", "\"Mail.Example.net\""),
+    );
     assert_refused(&f, "example.net.toml", Some(13), "write `mail.example.net`");
-    f.write_tenant("example.net", &EXAMPLE_NET.replace("\"mail.example.net\"", "\"mail_x.example.net\""));
+    f.write_tenant(
+        "example.net",
+        &EXAMPLE_NET.replace("\"mail.example.net\"", "\"mail_x.example.net\""),
+    );
     assert_refused(&f, "example.net.toml", Some(13), "not allowed");
-    f.write_tenant("example.net", &EXAMPLE_NET.replace("\"mail.example.net\"", "\"mail.bücher.example.net\""));
+    f.write_tenant(
+        "example.net",
+        &EXAMPLE_NET.replace("\"mail.example.net\"", "\"mail.bücher.example.net\""),
+    );
     assert_refused(&f, "example.net.toml", Some(13), "xn--bcher-kva");
 }
 
@@ -88,14 +109,25 @@ fn host_belongs_to_one_tenant_only() {
     );
     let (ok, _, err) = check(&f);
     assert!(!ok);
-    assert!(err.contains("webmail.win.example.net already belongs to tenant"), "{err}");
+    assert!(
+        err.contains("webmail.win.example.net already belongs to tenant"),
+        "{err}"
+    );
 }
 
 #[test]
 fn at_most_one_enabled_address_per_tenant() {
     let f = fixture();
-    f.write_tenant("example.net", &EXAMPLE_NET.replace("enabled = false", "enabled = true"));
-    assert_refused(&f, "example.net.toml", None, "more than one logon address is enabled");
+    f.write_tenant(
+        "example.net",
+        &EXAMPLE_NET.replace("enabled = false", "enabled = true"),
+    );
+    assert_refused(
+        &f,
+        "example.net.toml",
+        None,
+        "more than one logon address is enabled",
+    );
 }
 
 #[test]
@@ -106,8 +138,16 @@ fn enabled_needs_verified_cname_and_filed_icp() {
         &EXAMPLE_ORG.replace("cname   = \"verified\"", "cname   = \"pending\""),
     );
     assert_refused(&f, "example.org.toml", Some(8), "CNAME is not verified");
-    f.write_tenant("example.org", &EXAMPLE_ORG.replace("icp     = \"filed\"", "icp = \"pending\""));
-    assert_refused(&f, "example.org.toml", Some(8), "ICP filing is not recorded");
+    f.write_tenant(
+        "example.org",
+        &EXAMPLE_ORG.replace("icp     = \"filed\"", "icp = \"pending\""),
+    );
+    assert_refused(
+        &f,
+        "example.org.toml",
+        Some(8),
+        "ICP filing is not recorded",
+    );
     // With require_icp = false the same tenant is valid.
     let text = std::fs::read_to_string(f.gateway_toml())
         .expect("read")
@@ -129,14 +169,23 @@ fn free_tenant_cannot_enable() {
 #[test]
 fn unknown_keys_and_bad_values_are_errors_with_lines() {
     let f = fixture();
-    f.write_tenant("example.org", &EXAMPLE_ORG.replace("enabled = true", "enabled = true\nenabeld = true"));
+    f.write_tenant(
+        "example.org",
+        &EXAMPLE_ORG.replace("enabled = true", "enabled = true\nenabeld = true"),
+    );
     assert_refused(&f, "example.org.toml", Some(9), "enabeld");
-    f.write_tenant("example.org", &EXAMPLE_ORG.replace("\"standard\"", "\"gold\""));
+    f.write_tenant(
+        "example.org",
+        &EXAMPLE_ORG.replace("\"standard\"", "\"gold\""),
+    );
     assert_refused(&f, "example.org.toml", Some(2), "gold");
     f.write_tenant("example.org", EXAMPLE_ORG);
     let text = std::fs::read_to_string(f.gateway_toml())
         .expect("read")
-        .replace("connect_timeout = \"1s\"", "connect_timeout = \"one second\"");
+        .replace(
+            "connect_timeout = \"1s\"",
+            "connect_timeout = \"one second\"",
+        );
     std::fs::write(f.gateway_toml(), text).expect("write");
     assert_refused(&f, "gateway.toml", Some(11), "connect_timeout");
 }
@@ -158,13 +207,24 @@ fn certificate_problems_name_the_file() {
     // Key of another certificate.
     let a = f.pki.issue(&["webmail.example.org"]).expect("issue");
     let b = f.pki.issue(&["webmail.example.org"]).expect("issue");
-    std::fs::write(f.path().join("certs/mismatch.pem"), format!("{}{}", a.cert_pem, b.key_pem)).expect("write");
+    std::fs::write(
+        f.path().join("certs/mismatch.pem"),
+        format!("{}{}", a.cert_pem, b.key_pem),
+    )
+    .expect("write");
     assert_refused(&f, "mismatch.pem", None, "does not match");
     std::fs::remove_file(f.path().join("certs/mismatch.pem")).expect("rm");
 
     // Expired.
-    let old = f.pki.issue_expired(&["webmail.example.org"]).expect("issue");
-    std::fs::write(f.path().join("certs/old.pem"), format!("{}{}", old.cert_pem, old.key_pem)).expect("write");
+    let old = f
+        .pki
+        .issue_expired(&["webmail.example.org"])
+        .expect("issue");
+    std::fs::write(
+        f.path().join("certs/old.pem"),
+        format!("{}{}", old.cert_pem, old.key_pem),
+    )
+    .expect("write");
     assert_refused(&f, "old.pem", None, "expired");
     std::fs::remove_file(f.path().join("certs/old.pem")).expect("rm");
 
@@ -193,7 +253,10 @@ fn certificate_problems_name_the_file() {
 #[test]
 fn errors_are_all_reported_at_once() {
     let f = fixture();
-    f.write_tenant("example.net", &EXAMPLE_NET.replace("\"mail.example.net\"", "\"mail.example.org\""));
+    f.write_tenant(
+        "example.net",
+        &EXAMPLE_NET.replace("\"mail.example.net\"", "\"mail.example.org\""),
+    );
     f.write_tenant("example.com", &EXAMPLE_COM.replace("\"free\"", "\"gold\""));
     let (ok, _, err) = check(&f);
     assert!(!ok);
@@ -229,7 +292,8 @@ async fn sigterm_lets_an_in_flight_request_finish() {
         .unwrap_or_else(|| panic!("no https address in {line:?}"));
 
     let mut c = https_client(https, &f.pki.ca_der(), "webmail.example.net", false).await;
-    let in_flight = tokio::spawn(async move { c.get("webmail.example.net", "/slow?ms=1500").await });
+    let in_flight =
+        tokio::spawn(async move { c.get("webmail.example.net", "/slow?ms=1500").await });
     assert!(
         eventually(Duration::from_secs(5), || async { backend.hits() == 1 }).await,
         "request did not reach the backend"
@@ -256,4 +320,65 @@ async fn sigterm_lets_an_in_flight_request_finish() {
         .expect("join")
         .expect("wait");
     assert!(status.success(), "exit status {status}");
+}
+
+#[tokio::test]
+async fn sighup_reloads_without_a_file_change() {
+    let backend = Backend::start().await;
+    let f = Fixture::new(&backend.url(), "");
+    let mut child = Command::new(BIN)
+        .arg("-c")
+        .arg(f.gateway_toml())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn gateway");
+    let stdout = child.stdout.take().expect("stdout");
+    let stderr = child.stderr.take().expect("stderr");
+    let first = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).map(|_| line)
+    })
+    .await
+    .expect("join")
+    .expect("read");
+    assert!(first.starts_with("listening https="), "{first:?}");
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .expect("kill")
+            .success()
+    );
+    // Read stderr until the reload is reported (bounded: the gateway is killed after 10 s).
+    let killer = std::thread::spawn({
+        let pid = pid.clone();
+        move || {
+            std::thread::sleep(Duration::from_secs(10));
+            let _ = Command::new("kill").args(["-KILL", &pid]).status();
+        }
+    });
+    let reloaded = tokio::task::spawn_blocking(move || {
+        BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .any(|l| l.contains("configuration reloaded") && l.contains("generation=2"))
+    })
+    .await
+    .expect("join");
+    assert!(reloaded, "no reload reported after SIGHUP");
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill")
+            .success()
+    );
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .expect("join")
+        .expect("wait");
+    assert!(status.success(), "{status}");
+    drop(killer);
 }

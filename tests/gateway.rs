@@ -19,23 +19,39 @@ async fn certificate_is_chosen_per_sni() {
     let cfg = client_config(&ca, &[b"http/1.1"], true);
 
     // Exact name: its own certificate, even though the wildcard also covers it.
-    let tls = tls_connect(https, cfg.clone(), "webmail.example.net").await.expect("exact");
+    let tls = tls_connect(https, cfg.clone(), "webmail.example.net")
+        .await
+        .expect("exact");
     assert_eq!(presented(&tls), f.cert_der("webmail.example.net.pem"));
     // Wildcard: another name under example.net.
-    let tls = tls_connect(https, cfg.clone(), "mail.example.net").await.expect("wildcard");
+    let tls = tls_connect(https, cfg.clone(), "mail.example.net")
+        .await
+        .expect("wildcard");
     assert_eq!(presented(&tls), f.cert_der("wildcard.pem"));
     // Case and trailing dot in SNI do not matter.
-    let tls = tls_connect(https, cfg.clone(), "Mail.Provider.Test").await.expect("platform");
+    let tls = tls_connect(https, cfg.clone(), "Mail.Provider.Test")
+        .await
+        .expect("platform");
     assert_eq!(presented(&tls), f.cert_der("platform.pem"));
     // No certificate: refused in the handshake with unrecognized_name.
     for sni in ["webmail.example.org", "a.b.example.net", "unknown.test"] {
         let err = tls_connect(https, cfg.clone(), sni).await.expect_err(sni);
-        assert_eq!(alert_of(&err), Some(rustls::AlertDescription::UnrecognisedName), "{sni}: {err}");
+        assert_eq!(
+            alert_of(&err),
+            Some(rustls::AlertDescription::UnrecognisedName),
+            "{sni}: {err}"
+        );
     }
     // No SNI at all: refused the same way.
     let no_sni = client_config(&ca, &[b"http/1.1"], false);
-    let err = tls_connect(https, no_sni, "webmail.example.net").await.expect_err("no SNI");
-    assert_eq!(alert_of(&err), Some(rustls::AlertDescription::UnrecognisedName), "{err}");
+    let err = tls_connect(https, no_sni, "webmail.example.net")
+        .await
+        .expect_err("no SNI");
+    assert_eq!(
+        alert_of(&err),
+        Some(rustls::AlertDescription::UnrecognisedName),
+        "{err}"
+    );
     assert_eq!(backend.hits(), 0);
     gw.shutdown();
     gw.wait().await.expect("gateway task");
@@ -59,7 +75,11 @@ async fn policy_rows(h2: bool) {
     // Host differs from SNI and this connection's certificate does not cover it: 421.
     let r = c.get("mail.example.net", "/").await;
     assert_eq!(r.status, StatusCode::MISDIRECTED_REQUEST, "{}", r.text());
-    assert!(r.text().contains("not covered by the certificate"), "{}", r.text());
+    assert!(
+        r.text().contains("not covered by the certificate"),
+        "{}",
+        r.text()
+    );
 
     // On a wildcard connection, another covered name is judged on its own (HTTP/2 reuse).
     let mut w = https_client(https, &ca, "mail.example.net", h2).await;
@@ -76,7 +96,10 @@ async fn policy_rows(h2: bool) {
     assert!(r.text().contains("not a logon address"), "{}", r.text());
     // Platform host over its own certificate: forwarded.
     let mut p = https_client(https, &ca, "mail.provider.test", h2).await;
-    assert_eq!(p.get("mail.provider.test", "/").await.status, StatusCode::OK);
+    assert_eq!(
+        p.get("mail.provider.test", "/").await.status,
+        StatusCode::OK
+    );
     assert_eq!(backend.hits(), 3);
 
     // Plain HTTP.
@@ -96,9 +119,15 @@ async fn policy_rows(h2: bool) {
     let r = c.get("webmail.example.org:80", "/").await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     // Unknown: 421.
-    assert_eq!(c.get("example.org", "/").await.status, StatusCode::MISDIRECTED_REQUEST);
+    assert_eq!(
+        c.get("example.org", "/").await.status,
+        StatusCode::MISDIRECTED_REQUEST
+    );
     // Missing Host: 400.
-    let r = c.send("GET", None, "/", &[], Bytes::new()).await.expect("request");
+    let r = c
+        .send("GET", None, "/", &[], Bytes::new())
+        .await
+        .expect("request");
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
     assert_eq!(backend.hits(), 4, "refusals must not reach the backend");
     gw.shutdown();
@@ -121,15 +150,29 @@ async fn malformed_hosts_are_400_and_never_forwarded() {
     let f = Fixture::new(&backend.url(), "");
     let gw = f.start().await;
     let http = gw.http.expect("http");
-    for bad in ["a b.example.net", "webmail.example.net:x", "[::1", "webmail..example.net"] {
+    for bad in [
+        "a b.example.net",
+        "webmail.example.net:x",
+        "[::1",
+        "webmail..example.net",
+    ] {
         let mut c = http_client(http).await;
-        let r = c.send("GET", Some(bad), "/", &[], Bytes::new()).await.expect("request");
+        let r = c
+            .send("GET", Some(bad), "/", &[], Bytes::new())
+            .await
+            .expect("request");
         assert_eq!(r.status, StatusCode::BAD_REQUEST, "{bad}");
     }
     // Two Host headers.
     let mut c = http_client(http).await;
     let r = c
-        .send("GET", Some("webmail.example.org"), "/", &[("host", "evil.example.org")], Bytes::new())
+        .send(
+            "GET",
+            Some("webmail.example.org"),
+            "/",
+            &[("host", "evil.example.org")],
+            Bytes::new(),
+        )
         .await
         .expect("request");
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
@@ -167,7 +210,10 @@ async fn forwarded_headers(h2: bool) {
     let j = r.json();
     assert_eq!(j["path"], "/h");
     assert_eq!(seen_headers(&j, "host"), vec![host.clone()]);
-    assert_eq!(seen_headers(&j, "x-forwarded-for"), vec!["203.0.113.7, 127.0.0.1"]);
+    assert_eq!(
+        seen_headers(&j, "x-forwarded-for"),
+        vec!["203.0.113.7, 127.0.0.1"]
+    );
     assert_eq!(seen_headers(&j, "x-forwarded-proto"), vec!["https"]);
     assert_eq!(seen_headers(&j, "x-forwarded-host"), vec![host.clone()]);
     assert_eq!(
@@ -175,7 +221,13 @@ async fn forwarded_headers(h2: bool) {
         vec![format!("for=127.0.0.1;host=\"{host}\";proto=https")]
     );
     assert_eq!(seen_headers(&j, "x-logon-tenant"), vec!["example.net"]);
-    for hop in ["x-hop", "keep-alive", "proxy-authorization", "te", "upgrade"] {
+    for hop in [
+        "x-hop",
+        "keep-alive",
+        "proxy-authorization",
+        "te",
+        "upgrade",
+    ] {
         assert!(seen_headers(&j, hop).is_empty(), "{hop} was forwarded");
     }
     // Hop-by-hop headers from the backend do not come back either.
@@ -185,7 +237,13 @@ async fn forwarded_headers(h2: bool) {
     // A platform host: no X-Logon-Tenant, and the client's copy is still removed.
     let mut p = https_client(https, &f.pki.ca_der(), "mail.provider.test", h2).await;
     let r = p
-        .send("GET", Some("mail.provider.test"), "/", &[("x-logon-tenant", "forged")], Bytes::new())
+        .send(
+            "GET",
+            Some("mail.provider.test"),
+            "/",
+            &[("x-logon-tenant", "forged")],
+            Bytes::new(),
+        )
         .await
         .expect("request");
     assert!(seen_headers(&r.json(), "x-logon-tenant").is_empty());
@@ -235,17 +293,31 @@ async fn big_bodies(h2: bool) {
     let backend = Backend::start().await;
     let f = Fixture::new(&backend.url(), "");
     let gw = f.start().await;
-    let mut c = https_client(gw.https.expect("https"), &f.pki.ca_der(), "webmail.example.net", h2).await;
+    let mut c = https_client(
+        gw.https.expect("https"),
+        &f.pki.ca_der(),
+        "webmail.example.net",
+        h2,
+    )
+    .await;
     let size = 5 * 1024 * 1024;
     let upload = Bytes::from(pattern(size + 17).into_iter().rev().collect::<Vec<u8>>());
     let r = c
-        .send("POST", Some("webmail.example.net"), "/echo", &[], upload.clone())
+        .send(
+            "POST",
+            Some("webmail.example.net"),
+            "/echo",
+            &[],
+            upload.clone(),
+        )
         .await
         .expect("upload");
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.body.len(), upload.len());
     assert!(r.body == upload, "uploaded body came back altered");
-    let r = c.get("webmail.example.net", &format!("/download?n={size}")).await;
+    let r = c
+        .get("webmail.example.net", &format!("/download?n={size}"))
+        .await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.body.len(), size);
     assert!(r.body == pattern(size), "downloaded body altered");
@@ -272,7 +344,13 @@ async fn backend_unreachable_is_502_and_slow_is_504() {
     };
     let f = Fixture::new(&format!("http://{dead}"), "");
     let gw = f.start().await;
-    let mut c = https_client(gw.https.expect("https"), &f.pki.ca_der(), "webmail.example.net", false).await;
+    let mut c = https_client(
+        gw.https.expect("https"),
+        &f.pki.ca_der(),
+        "webmail.example.net",
+        false,
+    )
+    .await;
     let r = c.get("webmail.example.net", "/").await;
     assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", r.text());
     assert!(r.text().contains("unreachable"), "{}", r.text());
@@ -286,7 +364,13 @@ async fn backend_unreachable_is_502_and_slow_is_504() {
         .replace("response_timeout = \"5s\"", "response_timeout = \"300ms\"");
     std::fs::write(f.gateway_toml(), text).expect("write");
     let gw = f.start().await;
-    let mut c = https_client(gw.https.expect("https"), &f.pki.ca_der(), "webmail.example.net", true).await;
+    let mut c = https_client(
+        gw.https.expect("https"),
+        &f.pki.ca_der(),
+        "webmail.example.net",
+        true,
+    )
+    .await;
     let r = c.get("webmail.example.net", "/slow?ms=3000").await;
     assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT, "{}", r.text());
     // A fast request on the same connection is still served.

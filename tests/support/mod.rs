@@ -51,13 +51,17 @@ pub struct Backend {
 
 impl Backend {
     pub async fn start() -> Backend {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind backend");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind backend");
         let addr = listener.local_addr().expect("addr");
         let hits = Arc::new(AtomicUsize::new(0));
         let h = hits.clone();
         tokio::spawn(async move {
             loop {
-                let Ok((tcp, _)) = listener.accept().await else { continue };
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
                 let h = h.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req| backend_handle(h.clone(), req));
@@ -114,10 +118,9 @@ async fn backend_handle(
             Response::new(full("slow done"))
         }
         "/ws" => {
-            let key = req
-                .headers()
-                .get("sec-websocket-key")
-                .map(|k| tokio_tungstenite::tungstenite::handshake::derive_accept_key(k.as_bytes()));
+            let key = req.headers().get("sec-websocket-key").map(|k| {
+                tokio_tungstenite::tungstenite::handshake::derive_accept_key(k.as_bytes())
+            });
             let Some(accept) = key else {
                 let mut r = Response::new(full("not a websocket request"));
                 *r.status_mut() = StatusCode::BAD_REQUEST;
@@ -163,8 +166,10 @@ async fn backend_handle(
                 "headers": headers,
             });
             let mut r = Response::new(full(body.to_string()));
-            r.headers_mut()
-                .insert("connection", http::HeaderValue::from_static("x-backend-hop"));
+            r.headers_mut().insert(
+                "connection",
+                http::HeaderValue::from_static("x-backend-hop"),
+            );
             r.headers_mut()
                 .insert("x-backend-hop", http::HeaderValue::from_static("1"));
             r
@@ -289,8 +294,11 @@ certs = "certs"
     }
 
     pub fn write_tenant(&self, domain: &str, text: &str) {
-        std::fs::write(self.path().join("tenants").join(format!("{domain}.toml")), text)
-            .expect("write tenant");
+        std::fs::write(
+            self.path().join("tenants").join(format!("{domain}.toml")),
+            text,
+        )
+        .expect("write tenant");
     }
 
     /// Issues a certificate for `names` and writes chain + key into one file under certs/.
@@ -344,7 +352,9 @@ pub async fn tls_connect(
 ) -> std::io::Result<TlsStream<TcpStream>> {
     let tcp = TcpStream::connect(addr).await?;
     let name = ServerName::try_from(sni.to_string()).expect("server name");
-    tokio_rustls::TlsConnector::from(cfg).connect(name, tcp).await
+    tokio_rustls::TlsConnector::from(cfg)
+        .connect(name, tcp)
+        .await
 }
 
 /// The leaf certificate the server presented.
@@ -403,9 +413,10 @@ impl Client {
     where
         IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
-        let (send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io))
-            .await
-            .expect("h2 handshake");
+        let (send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io))
+                .await
+                .expect("h2 handshake");
         tokio::spawn(conn);
         Client::H2(send)
     }
@@ -430,7 +441,8 @@ impl Client {
                     b = b.header(*k, *v);
                 }
                 s.ready().await?;
-                s.send_request(b.body(Full::new(body)).expect("request")).await?
+                s.send_request(b.body(Full::new(body)).expect("request"))
+                    .await?
             }
             Client::H2(s) => {
                 let uri = format!("https://{}{path}", host.unwrap_or("missing.invalid"));
@@ -442,7 +454,8 @@ impl Client {
                     b = b.header(*k, *v);
                 }
                 s.ready().await?;
-                s.send_request(b.body(Full::new(body)).expect("request")).await?
+                s.send_request(b.body(Full::new(body)).expect("request"))
+                    .await?
             }
         };
         let (parts, body) = resp.into_parts();
@@ -469,7 +482,11 @@ pub async fn https_client(addr: SocketAddr, ca: &[u8], sni: &str, h2: bool) -> C
         .expect("TLS handshake");
     let negotiated = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
     assert_eq!(negotiated.as_deref(), Some(alpn[0]), "ALPN");
-    if h2 { Client::h2(tls).await } else { Client::h1(tls).await }
+    if h2 {
+        Client::h2(tls).await
+    } else {
+        Client::h1(tls).await
+    }
 }
 
 /// Opens a plain HTTP/1.1 connection.
