@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use logon_gate::config::Edition;
 use logon_gate::{demo, ops, server};
 
 #[derive(Parser, Debug)]
@@ -31,6 +32,15 @@ enum Command {
     Serve,
     /// Validate the configuration and certificates, like `nginx -t`.
     Check,
+    /// Create a tenant or change its edition.
+    #[command(subcommand)]
+    Tenant(TenantCmd),
+    /// Walk a logon address through its lifecycle.
+    #[command(subcommand)]
+    Domain(DomainCmd),
+    /// Install a certificate for a host.
+    #[command(subcommand)]
+    Cert(CertCmd),
     /// Run the gateway on loopback with a demo backend and throwaway certificates.
     Demo {
         /// HTTPS listener for the demo.
@@ -42,11 +52,81 @@ enum Command {
     },
 }
 
+#[derive(Subcommand, Debug)]
+enum TenantCmd {
+    /// Create a tenant file for DOMAIN.
+    Add {
+        domain: String,
+        /// free | standard | enterprise
+        #[arg(long)]
+        edition: Edition,
+    },
+    /// Change a tenant's edition.
+    Edition { domain: String, edition: Edition },
+}
+
+#[derive(Subcommand, Debug)]
+enum DomainCmd {
+    /// Add a logon address to a tenant (pending, disabled).
+    Add { domain: String, host: String },
+    /// Check with real DNS that HOST's CNAME chain reaches cname_target, and record it.
+    Verify {
+        host: String,
+        /// Ask this DNS server (IP:PORT) instead of the system's resolvers.
+        #[arg(long)]
+        nameserver: Option<SocketAddr>,
+    },
+    /// Record HOST's ICP filing number.
+    Icp {
+        host: String,
+        #[arg(long)]
+        number: String,
+    },
+    /// Enable HOST (disables the tenant's other addresses).
+    Enable { host: String },
+    /// Disable HOST.
+    Disable { host: String },
+    /// Remove HOST from its tenant.
+    Remove { host: String },
+    /// List logon addresses (of one tenant if DOMAIN is given).
+    List {
+        domain: Option<String>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum CertCmd {
+    /// Validate and install a certificate chain and key for HOST into certs/.
+    Install {
+        host: String,
+        #[arg(long)]
+        cert: PathBuf,
+        #[arg(long)]
+        key: PathBuf,
+        /// Replace a different valid certificate already installed for HOST.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_level.as_deref());
     let result = match cli.command.unwrap_or(Command::Serve) {
         Command::Check => check(&cli.config),
+        Command::Tenant(cmd) => tenant(&cli.config, cmd),
+        Command::Domain(cmd) => domain(&cli.config, cmd),
+        Command::Cert(CertCmd::Install {
+            host,
+            cert,
+            key,
+            force,
+        }) => ops::cert::install(&cli.config, &host, &cert, &key, force)
+            .map(|lines| lines.iter().for_each(|l| println!("{l}")))
+            .map_err(|e| e.to_string()),
         Command::Serve => runtime().and_then(|rt| rt.block_on(serve(cli.config))),
         Command::Demo { https, http } => runtime().and_then(|rt| {
             rt.block_on(run_demo(demo::DemoOptions {
@@ -61,6 +141,44 @@ fn main() -> ExitCode {
         Err(msg) => {
             eprintln!("logon-gate: {msg}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+fn print(r: Result<String, ops::OpError>) -> Result<(), String> {
+    r.map(|msg| println!("{msg}")).map_err(|e| e.to_string())
+}
+
+fn tenant(config: &std::path::Path, cmd: TenantCmd) -> Result<(), String> {
+    use ops::lifecycle as l;
+    match cmd {
+        TenantCmd::Add { domain, edition } => print(l::tenant_add(config, &domain, edition)),
+        TenantCmd::Edition { domain, edition } => {
+            print(l::tenant_edition(config, &domain, edition))
+        }
+    }
+}
+
+fn domain(config: &std::path::Path, cmd: DomainCmd) -> Result<(), String> {
+    use ops::lifecycle as l;
+    match cmd {
+        DomainCmd::Add { domain, host } => print(l::domain_add(config, &domain, &host)),
+        DomainCmd::Verify { host, nameserver } => {
+            runtime().and_then(|rt| print(rt.block_on(l::domain_verify(config, &host, nameserver))))
+        }
+        DomainCmd::Icp { host, number } => print(l::domain_icp(config, &host, &number)),
+        DomainCmd::Enable { host } => print(l::domain_enable(config, &host)),
+        DomainCmd::Disable { host } => print(l::domain_disable(config, &host)),
+        DomainCmd::Remove { host } => print(l::domain_remove(config, &host)),
+        DomainCmd::List { domain, json } => {
+            let rows = l::domain_list(config, domain.as_deref()).map_err(|e| e.to_string())?;
+            if json {
+                let text = serde_json::to_string_pretty(&rows).map_err(|e| e.to_string())?;
+                println!("{text}");
+            } else {
+                print!("{}", l::render(&rows));
+            }
+            Ok(())
         }
     }
 }

@@ -307,6 +307,16 @@ impl Loader {
     /// Reads gateway.toml, the tenants folder and the certs folder it names, and builds a
     /// table; every error found is returned, each naming its file (and line).
     pub fn load(&mut self, gateway_path: &Path) -> Result<Table, Vec<ConfigError>> {
+        self.load_with(gateway_path, &HashMap::new())
+    }
+
+    /// Like [`Loader::load`], but tenant files in `overrides` are taken from the map instead
+    /// of disk (added if absent): how the CLI validates an edit before writing it.
+    pub fn load_with(
+        &mut self,
+        gateway_path: &Path,
+        overrides: &HashMap<PathBuf, String>,
+    ) -> Result<Table, Vec<ConfigError>> {
         let src = Source::read(gateway_path).map_err(|e| vec![e])?;
         let (settings, raw_platform) = config::load_gateway(&src)?;
         let mut errors = Vec::new();
@@ -323,7 +333,7 @@ impl Loader {
             self.tenants.clear();
             self.last_require_icp = Some(settings.require_icp);
         }
-        let tenants = self.load_tenants(&settings, &mut errors);
+        let tenants = self.load_tenants(&settings, overrides, &mut errors);
         let certs = self.certs.load(&settings.certs_dir, &self.provider);
         errors.extend(certs.errors);
         if !errors.is_empty() {
@@ -341,31 +351,40 @@ impl Loader {
     fn load_tenants(
         &mut self,
         settings: &Settings,
+        overrides: &HashMap<PathBuf, String>,
         errors: &mut Vec<ConfigError>,
     ) -> Vec<Arc<Tenant>> {
         let dir = &settings.tenants_dir;
-        let files = match crate::certs::list_files(dir) {
+        let mut files = match crate::certs::list_files(dir) {
             Ok(f) => f,
             Err(e) => {
                 errors.push(e);
                 return Vec::new();
             }
         };
+        for extra in overrides.keys() {
+            if extra.parent() == Some(dir.as_path()) && !files.contains(extra) {
+                files.push(extra.clone());
+            }
+        }
         let mut fresh = HashMap::with_capacity(files.len());
         let mut tenants = Vec::with_capacity(files.len());
         for path in files {
             if path.extension().and_then(|e| e.to_str()) != Some("toml") {
                 continue;
             }
-            let text = match std::fs::read_to_string(&path) {
-                Ok(t) => t,
-                Err(e) => {
-                    errors.push(ConfigError::file(
-                        &path,
-                        format!("cannot read the file: {e}"),
-                    ));
-                    continue;
-                }
+            let text = match overrides.get(&path) {
+                Some(t) => t.clone(),
+                None => match std::fs::read_to_string(&path) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        errors.push(ConfigError::file(
+                            &path,
+                            format!("cannot read the file: {e}"),
+                        ));
+                        continue;
+                    }
+                },
             };
             let mut h = std::collections::hash_map::DefaultHasher::new();
             text.hash(&mut h);

@@ -493,3 +493,4 @@ pub async fn https_client(addr: SocketAddr, ca: &[u8], sni: &str, h2: bool) -> C
 pub async fn http_client(addr: SocketAddr) -> Client {
     Client::h1(TcpStream::connect(addr).await.expect("connect")).await
 }
+pub mod dns;

@@ -1,4 +1,4 @@
-//! Operator commands that read the configuration: `check` (like `nginx -t`).
+//! `logon-gate check`: validate config and certificates like `nginx -t`, and summarise.
 
 use std::fmt::Write as _;
 use std::path::Path;
