@@ -90,7 +90,12 @@ struct ParsedKey {
 #[derive(Default)]
 pub struct CertCache {
     files: HashMap<PathBuf, (u64, Arc<Result<ParsedFile, String>>)>,
+    /// Paired entries by chain file, with the content hashes of chain and key file they came
+    /// from: an unchanged pair is reused as is.
+    entries: HashMap<PathBuf, (u64, u64, Arc<CertEntry>)>,
 }
+
+type Parsed = (PathBuf, u64, Arc<Result<ParsedFile, String>>);
 
 /// What loading certs/ produced: the usable entries, errors (each naming a file) and warnings.
 #[derive(Debug, Default)]
@@ -120,9 +125,15 @@ pub fn list_files(dir: &Path) -> Result<Vec<PathBuf>, ConfigError> {
             continue;
         }
         let path = entry.path();
-        // metadata() follows symlinks: a dangling one is skipped, like a deleted file.
-        match std::fs::metadata(&path) {
-            Ok(m) if m.is_file() => out.push(path),
+        match entry.file_type() {
+            // The folder listing already says so: no extra system call per file.
+            Ok(t) if t.is_file() => out.push(path),
+            // metadata() follows symlinks: a dangling one is skipped, like a deleted file.
+            Ok(t) if t.is_symlink() => {
+                if std::fs::metadata(&path).is_ok_and(|m| m.is_file()) {
+                    out.push(path);
+                }
+            }
             _ => continue,
         }
     }
@@ -145,7 +156,7 @@ impl CertCache {
         let mut fresh = HashMap::with_capacity(files.len());
         let mut parsed = Vec::with_capacity(files.len());
         for path in files {
-            let bytes = match std::fs::read(&path) {
+            let (bytes, mode) = match read_with_mode(&path) {
                 Ok(b) => b,
                 Err(e) => {
                     load.errors.push(ConfigError::file(
@@ -160,34 +171,47 @@ impl CertCache {
                 Some((h, p)) if *h == hash => p.clone(),
                 _ => Arc::new(parse_file(&bytes, provider)),
             };
-            warn_key_mode(&path, &entry, &mut load.warnings);
+            warn_key_mode(&path, mode, &entry, &mut load.warnings);
             fresh.insert(path.clone(), (hash, entry.clone()));
-            parsed.push((path, entry));
+            parsed.push((path, hash, entry));
         }
         self.files = fresh;
-        pair(&parsed, &mut load);
+        self.entries = pair(&parsed, &self.entries, &mut load);
         load
     }
 }
 
-#[cfg(unix)]
-fn warn_key_mode(path: &Path, parsed: &Result<ParsedFile, String>, warnings: &mut Vec<String>) {
-    use std::os::unix::fs::PermissionsExt;
+/// Reads a file and its permission bits with one open (fstat on the open file).
+fn read_with_mode(path: &Path) -> std::io::Result<(Vec<u8>, u32)> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    let meta = f.metadata()?;
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    f.read_to_end(&mut bytes)?;
+    #[cfg(unix)]
+    let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions());
+    #[cfg(not(unix))]
+    let mode = 0o600;
+    Ok((bytes, mode))
+}
+
+fn warn_key_mode(
+    path: &Path,
+    mode: u32,
+    parsed: &Result<ParsedFile, String>,
+    warnings: &mut Vec<String>,
+) {
     if let Ok(p) = parsed
         && !p.keys.is_empty()
-        && let Ok(meta) = std::fs::metadata(path)
-        && meta.permissions().mode() & 0o077 != 0
+        && mode & 0o077 != 0
     {
         warnings.push(format!(
             "{}: private key file is readable by group or others (mode {:o}); chmod 600 it",
             path.display(),
-            meta.permissions().mode() & 0o777
+            mode & 0o777
         ));
     }
 }
-
-#[cfg(not(unix))]
-fn warn_key_mode(_: &Path, _: &Result<ParsedFile, String>, _: &mut Vec<String>) {}
 
 fn parse_file(bytes: &[u8], provider: &CryptoProvider) -> Result<ParsedFile, String> {
     let mut certs = Vec::new();
@@ -246,18 +270,23 @@ fn parse_file(bytes: &[u8], provider: &CryptoProvider) -> Result<ParsedFile, Str
     Ok(ParsedFile { chain, keys })
 }
 
-fn pair(parsed: &[(PathBuf, Arc<Result<ParsedFile, String>>)], load: &mut CertLoad) {
-    let mut keys_by_spki: HashMap<&[u8], (&Path, &ParsedKey)> = HashMap::new();
-    for (path, p) in parsed {
+fn pair(
+    parsed: &[Parsed],
+    previous: &HashMap<PathBuf, (u64, u64, Arc<CertEntry>)>,
+    load: &mut CertLoad,
+) -> HashMap<PathBuf, (u64, u64, Arc<CertEntry>)> {
+    let mut keys_by_spki: HashMap<&[u8], (&Path, u64, &ParsedKey)> = HashMap::new();
+    for (path, hash, p) in parsed {
         if let Ok(p) = p.as_ref() {
             for k in &p.keys {
-                keys_by_spki.entry(&k.spki).or_insert((path, k));
+                keys_by_spki.entry(&k.spki).or_insert((path, *hash, k));
             }
         }
     }
+    let mut entries = HashMap::with_capacity(parsed.len());
     let mut used: std::collections::HashSet<&[u8]> = Default::default();
     let now = unix_now();
-    for (path, p) in parsed {
+    for (path, hash, p) in parsed {
         let p = match p.as_ref() {
             Ok(p) => p,
             Err(msg) => {
@@ -280,7 +309,7 @@ fn pair(parsed: &[(PathBuf, Arc<Result<ParsedFile, String>>)], load: &mut CertLo
             ));
             continue;
         }
-        let Some((key_path, key)) = keys_by_spki.get(chain.spki.as_slice()) else {
+        let Some((key_path, key_hash, key)) = keys_by_spki.get(chain.spki.as_slice()) else {
             load.errors.push(ConfigError::file(
                 path,
                 "no private key under the certificates folder matches this certificate",
@@ -308,15 +337,20 @@ fn pair(parsed: &[(PathBuf, Arc<Result<ParsedFile, String>>)], load: &mut CertLo
                 path.display()
             ));
         }
-        load.entries.push(Arc::new(CertEntry {
-            path: path.clone(),
-            key_path: key_path.to_path_buf(),
-            key: Arc::new(CertifiedKey::new(chain.certs.clone(), key.key.clone())),
-            names: chain.names.clone(),
-            not_after: chain.not_after,
-        }));
+        let entry = match previous.get(path) {
+            Some((h, kh, e)) if h == hash && kh == key_hash && e.key_path == *key_path => e.clone(),
+            _ => Arc::new(CertEntry {
+                path: path.clone(),
+                key_path: key_path.to_path_buf(),
+                key: Arc::new(CertifiedKey::new(chain.certs.clone(), key.key.clone())),
+                names: chain.names.clone(),
+                not_after: chain.not_after,
+            }),
+        };
+        entries.insert(path.clone(), (*hash, *key_hash, entry.clone()));
+        load.entries.push(entry);
     }
-    for (spki, (path, _)) in &keys_by_spki {
+    for (spki, (path, _, _)) in &keys_by_spki {
         if !used.contains(spki) {
             load.warnings.push(format!(
                 "{}: a private key that no certificate uses",
@@ -324,6 +358,7 @@ fn pair(parsed: &[(PathBuf, Arc<Result<ParsedFile, String>>)], load: &mut CertLo
             ));
         }
     }
+    entries
 }
 
 /// Reads and validates one certificate + key pair without a cache (for `cert install`).

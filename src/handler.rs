@@ -74,6 +74,19 @@ pub async fn handle(conn: Arc<Conn>, req: Request<Incoming>) -> Result<Response<
 
     let status = resp.status().as_u16();
     let elapsed = started.elapsed();
+    let m = &conn.gateway.metrics;
+    m.requests
+        .get_or_create(&crate::metrics::RequestLabels {
+            decision: decision.label(),
+            status: crate::metrics::status_class(status),
+        })
+        .inc();
+    m.duration.observe(elapsed.as_secs_f64());
+    if let Some(e) = &upstream_error {
+        m.upstream_errors
+            .get_or_create(&crate::metrics::KindLabel { kind: e.label() })
+            .inc();
+    }
     tracing::info!(
         target: "access",
         client = %conn.peer,

@@ -10,12 +10,14 @@
 //! operator: cli (clap types, in main.rs) -> ops (check, demo) -> atomic writes
 //! ```
 
+pub mod admin;
 pub mod certs;
 pub mod config;
 pub mod demo;
 pub mod forward;
 pub mod handler;
 pub mod host;
+pub mod metrics;
 pub mod ops;
 pub mod pki;
 pub mod policy;

@@ -75,6 +75,7 @@ pub fn reload_now(gw: &Gateway) -> Result<u64, Vec<ConfigError>> {
                 tracing::warn!("{w}");
             }
             gw.apply_limits(&table.settings.limits);
+            gw.metrics.set_certs(&table);
             let snap = snapshot_for(table, Some(&old));
             let generation = snap.generation;
             gw.live.store(Arc::new(snap));
@@ -82,6 +83,11 @@ pub fn reload_now(gw: &Gateway) -> Result<u64, Vec<ConfigError>> {
             status.ok = true;
             status.message = "loaded".into();
             status.succeeded += 1;
+            gw.metrics.generation.set(generation);
+            gw.metrics
+                .reloads
+                .get_or_create(&crate::metrics::ResultLabel { result: "ok" })
+                .inc();
             tracing::info!(
                 generation,
                 took_ms = took.as_millis() as u64,
@@ -104,6 +110,10 @@ pub fn reload_now(gw: &Gateway) -> Result<u64, Vec<ConfigError>> {
                 .collect::<Vec<_>>()
                 .join("\n");
             status.failed += 1;
+            gw.metrics
+                .reloads
+                .get_or_create(&crate::metrics::ResultLabel { result: "error" })
+                .inc();
             Err(errors)
         }
     }

@@ -43,6 +43,8 @@ pub struct Gateway {
     pub config_path: PathBuf,
     /// Loader with its caches, for reloads.
     pub loader: std::sync::Mutex<Loader>,
+    /// Prometheus metrics.
+    pub metrics: crate::metrics::Metrics,
     /// Outcome of the last reload.
     pub status: std::sync::Mutex<crate::reload::ReloadStatus>,
     /// Open client connections, against `limits.max_connections` (which may change on reload).
@@ -103,6 +105,7 @@ pub enum StartError {
 pub struct Running {
     pub https: Option<SocketAddr>,
     pub http: Option<SocketAddr>,
+    pub admin: Option<SocketAddr>,
     pub gateway: Arc<Gateway>,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
@@ -154,10 +157,15 @@ pub async fn start(config_path: &Path) -> Result<Running, StartError> {
     };
     let https = bind(listen.https, "https").await?;
     let http = bind(listen.http, "http").await?;
+    let admin = bind(listen.admin, "admin").await?;
+    let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
     let https_addr = https.as_ref().and_then(|l| l.local_addr().ok());
     let http_addr = http.as_ref().and_then(|l| l.local_addr().ok());
 
     let upstream = Arc::new(Upstream::new(&table.settings.backend, &limits));
+    let metrics = crate::metrics::Metrics::new();
+    metrics.generation.set(1);
+    metrics.set_certs(&table);
     let gateway = Arc::new(Gateway {
         live: ArcSwap::from_pointee(Snapshot {
             table,
@@ -168,6 +176,7 @@ pub async fn start(config_path: &Path) -> Result<Running, StartError> {
         https_port: https_addr.map(|a| a.port()),
         config_path: config_path.to_path_buf(),
         loader: std::sync::Mutex::new(loader),
+        metrics,
         status: std::sync::Mutex::new(crate::reload::ReloadStatus::initial()),
         open_connections: Arc::new(AtomicUsize::new(0)),
         max_connections: AtomicUsize::new(limits.max_connections),
@@ -201,6 +210,8 @@ pub async fn start(config_path: &Path) -> Result<Running, StartError> {
         "logon-gate listening"
     );
 
+    let admin_task =
+        admin.map(|l| tokio::spawn(crate::admin::run(l, gateway.clone(), stop_rx.clone())));
     let reloader = tokio::spawn(crate::reload::Reloader::new(gateway.clone()).run(stop_rx.clone()));
     let gw = gateway.clone();
     let mut stop_wait = stop_rx;
@@ -210,6 +221,9 @@ pub async fn start(config_path: &Path) -> Result<Running, StartError> {
             let _ = l.await;
         }
         let _ = reloader.await;
+        if let Some(a) = admin_task {
+            let _ = a.await;
+        }
         // The accept loops held the other references; they have returned.
         let Ok(graceful) = Arc::try_unwrap(graceful) else {
             tracing::error!("connections still being accepted at shutdown");
@@ -234,6 +248,7 @@ pub async fn start(config_path: &Path) -> Result<Running, StartError> {
     Ok(Running {
         https: https_addr,
         http: http_addr,
+        admin: admin_addr,
         gateway,
         stop,
         task,
@@ -275,6 +290,11 @@ async fn accept_loop(
         let watcher = graceful.watcher();
         tokio::spawn(async move {
             let _slot = slot;
+            let label = crate::metrics::ListenerLabel {
+                listener: if https { "https" } else { "http" },
+            };
+            let open = gw.metrics.connections.get_or_create(&label).clone();
+            open.inc();
             if https {
                 serve_tls(tcp, peer, gw, watcher).await;
             } else {
@@ -285,6 +305,7 @@ async fn accept_loop(
                 });
                 serve_http(TokioIo::new(tcp), conn, None, watcher).await;
             }
+            open.dec();
         });
     }
 }
@@ -293,18 +314,27 @@ async fn serve_tls(tcp: TcpStream, peer: SocketAddr, gw: Arc<Gateway>, watcher: 
     let limits = gw.snapshot().table.settings.limits;
     let lookup = |sni: &str| gw.snapshot().table.cert_for(sni).cloned();
     let handshake = crate::tls::accept(tcp, &gw.tls, lookup);
-    let (stream, sni, cert) =
-        match tokio::time::timeout(limits.tls_handshake_timeout, handshake).await {
-            Err(_) => {
-                tracing::debug!(%peer, "TLS handshake timed out");
-                return;
-            }
-            Ok(Err(e)) => {
-                tracing::debug!(%peer, error = %e, "TLS handshake refused");
-                return;
-            }
-            Ok(Ok(x)) => x,
-        };
+    let result = tokio::time::timeout(limits.tls_handshake_timeout, handshake).await;
+    let outcome = match &result {
+        Err(_) => "timeout",
+        Ok(Err(e)) => e.label(),
+        Ok(Ok(_)) => "ok",
+    };
+    gw.metrics
+        .handshakes
+        .get_or_create(&crate::metrics::ResultLabel { result: outcome })
+        .inc();
+    let (stream, sni, cert) = match result {
+        Err(_) => {
+            tracing::debug!(%peer, "TLS handshake timed out");
+            return;
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "TLS handshake refused");
+            return;
+        }
+        Ok(Ok(x)) => x,
+    };
     let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
     let conn = Arc::new(Conn {
         gateway: gw.clone(),

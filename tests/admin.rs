@@ -1,0 +1,129 @@
+//! The admin listener: /healthz, /metrics moving with traffic and reloads, /status JSON.
+
+mod support;
+
+use std::time::Duration;
+
+use http::StatusCode;
+use support::*;
+
+async fn admin_get(addr: std::net::SocketAddr, path: &str) -> Got {
+    let mut c = http_client(addr).await;
+    c.get("localhost", path).await
+}
+
+fn metric(text: &str, line_start: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test]
+async fn health_metrics_and_status() {
+    let backend = Backend::start().await;
+    let f = Fixture::new(&backend.url(), "");
+    let text = std::fs::read_to_string(f.gateway_toml())
+        .expect("read")
+        .replace("admin = \"\"", "admin = \"127.0.0.1:0\"");
+    std::fs::write(f.gateway_toml(), text).expect("write");
+    let gw = f.start().await;
+    let admin = gw.admin.expect("admin listener");
+
+    let r = admin_get(admin, "/healthz").await;
+    assert_eq!((r.status, r.text().as_str()), (StatusCode::OK, "ok\n"));
+    assert_eq!(
+        admin_get(admin, "/nope").await.status,
+        StatusCode::NOT_FOUND
+    );
+
+    let mut c = https_client(
+        gw.https.expect("https"),
+        &f.pki.ca_der(),
+        "webmail.example.net",
+        false,
+    )
+    .await;
+    assert_eq!(
+        c.get("webmail.example.net", "/").await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        c.get("webmail.example.net", "/").await.status,
+        StatusCode::OK
+    );
+    let mut p = http_client(gw.http.expect("http")).await;
+    assert_eq!(
+        p.get("attacker-chosen.example", "/").await.status,
+        StatusCode::MISDIRECTED_REQUEST
+    );
+
+    let m = admin_get(admin, "/metrics").await.text();
+    assert_eq!(
+        metric(
+            &m,
+            "logon_gate_requests_total{decision=\"forward\",status=\"2xx\"}"
+        ),
+        Some(2.0),
+        "{m}"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "logon_gate_requests_total{decision=\"unknown_host\",status=\"4xx\"}"
+        ),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "logon_gate_tls_handshakes_total{result=\"ok\"}"),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(metric(&m, "logon_gate_config_generation"), Some(1.0), "{m}");
+    assert_eq!(
+        metric(&m, "logon_gate_request_duration_seconds_count"),
+        Some(3.0),
+        "{m}"
+    );
+    let left = metric(
+        &m,
+        "logon_gate_certificate_expiry_seconds{file=\"platform.pem\"}",
+    )
+    .expect("expiry");
+    assert!(left > 80.0 * 86400.0 && left < 91.0 * 86400.0, "{left}");
+    // A client's Host never becomes a label.
+    assert!(!m.contains("attacker-chosen"), "{m}");
+
+    let s = admin_get(admin, "/status").await.json();
+    assert_eq!(s["generation"], 1);
+    assert_eq!(s["last_reload"]["ok"], true);
+    let net = s["tenants"]
+        .as_array()
+        .expect("tenants")
+        .iter()
+        .find(|t| t["domain"] == "example.net")
+        .expect("example.net");
+    assert_eq!(net["hosts"][0]["host"], "webmail.example.net");
+    assert_eq!(net["hosts"][0]["enabled"], true);
+
+    // A reload shows in both.
+    f.write_tenant(
+        "example.org",
+        &EXAMPLE_ORG.replace("enabled = true", "enabled = false"),
+    );
+    let reloaded = eventually(Duration::from_secs(2), || async move {
+        admin_get(admin, "/status").await.json()["generation"] == 2
+    })
+    .await;
+    assert!(reloaded, "reload not shown in /status");
+    let m = admin_get(admin, "/metrics").await.text();
+    assert_eq!(metric(&m, "logon_gate_config_generation"), Some(2.0), "{m}");
+    assert_eq!(
+        metric(&m, "logon_gate_reloads_total{result=\"ok\"}"),
+        Some(1.0),
+        "{m}"
+    );
+    gw.shutdown();
+    gw.wait().await.expect("gateway task");
+}
