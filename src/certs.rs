@@ -89,13 +89,16 @@ struct ParsedKey {
 /// Parsed files kept between loads, keyed by path and checked by content hash.
 #[derive(Default)]
 pub struct CertCache {
-    files: HashMap<PathBuf, (u64, Arc<Result<ParsedFile, String>>)>,
+    files: HashMap<PathBuf, CachedFile>,
     /// Paired entries by chain file, with the content hashes of chain and key file they came
     /// from: an unchanged pair is reused as is.
     entries: HashMap<PathBuf, (u64, u64, Arc<CertEntry>)>,
 }
 
 type Parsed = (PathBuf, u64, Arc<Result<ParsedFile, String>>);
+
+/// Content hash, stamp (when settled) and parse result of one file.
+type CachedFile = (u64, Option<Stamp>, Arc<Result<ParsedFile, String>>);
 
 /// What loading certs/ produced: the usable entries, errors (each naming a file) and warnings.
 #[derive(Debug, Default)]
@@ -156,6 +159,18 @@ impl CertCache {
         let mut fresh = HashMap::with_capacity(files.len());
         let mut parsed = Vec::with_capacity(files.len());
         for path in files {
+            // A settled file whose stamp did not change is not read again.
+            let stamp = Stamp::of(&path);
+            if let (Some((hash, Some(old), entry)), Some((now, mode))) =
+                (self.files.get(&path), stamp)
+                && *old == now
+            {
+                let (hash, entry) = (*hash, entry.clone());
+                warn_key_mode(&path, mode, &entry, &mut load.warnings);
+                fresh.insert(path.clone(), (hash, Some(now), entry.clone()));
+                parsed.push((path, hash, entry));
+                continue;
+            }
             let (bytes, mode) = match read_with_mode(&path) {
                 Ok(b) => b,
                 Err(e) => {
@@ -168,16 +183,63 @@ impl CertCache {
             };
             let hash = content_hash(&bytes);
             let entry = match self.files.get(&path) {
-                Some((h, p)) if *h == hash => p.clone(),
+                Some((h, _, p)) if *h == hash => p.clone(),
                 _ => Arc::new(parse_file(&bytes, provider)),
             };
             warn_key_mode(&path, mode, &entry, &mut load.warnings);
-            fresh.insert(path.clone(), (hash, entry.clone()));
+            let settled = stamp.and_then(|(st, _)| st.settled().then_some(st));
+            fresh.insert(path.clone(), (hash, settled, entry.clone()));
             parsed.push((path, hash, entry));
         }
         self.files = fresh;
         self.entries = pair(&parsed, &self.entries, &mut load);
         load
+    }
+}
+
+/// What `stat` says of a file: enough to tell, for a file not modified in the last few
+/// seconds, that its content is unchanged without reading it (git's "racy" rule: a file
+/// changed within the clock's granularity of a read is always read again).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp {
+    len: u64,
+    ino: u64,
+    dev: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+/// Files changed more recently than this are always re-read.
+const SETTLE_SECS: i64 = 3;
+
+impl Stamp {
+    /// The stamp (following symlinks) and permission bits of `path`.
+    #[cfg(unix)]
+    pub fn of(path: &Path) -> Option<(Stamp, u32)> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path).ok()?;
+        Some((
+            Stamp {
+                len: m.len(),
+                ino: m.ino(),
+                dev: m.dev(),
+                mtime: (m.mtime(), m.mtime_nsec()),
+                ctime: (m.ctime(), m.ctime_nsec()),
+            },
+            m.mode(),
+        ))
+    }
+
+    /// Without inode and change times there is no safe stamp: always read.
+    #[cfg(not(unix))]
+    pub fn of(_: &Path) -> Option<(Stamp, u32)> {
+        None
+    }
+
+    /// True when neither content nor metadata changed in the last `SETTLE_SECS` seconds.
+    pub fn settled(&self) -> bool {
+        let now = unix_now();
+        now - self.mtime.0 > SETTLE_SECS && now - self.ctime.0 > SETTLE_SECS
     }
 }
 

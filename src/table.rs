@@ -282,7 +282,11 @@ pub fn validate_tenant(
     }
 }
 
-type TenantCacheEntry = (u64, Arc<Result<Arc<Tenant>, Vec<ConfigError>>>);
+type TenantCacheEntry = (
+    u64,
+    Option<crate::certs::Stamp>,
+    Arc<Result<Arc<Tenant>, Vec<ConfigError>>>,
+);
 
 /// Loads config files into a [`Table`], keeping parsed tenants and certificates between loads
 /// so a reload re-parses only files whose content changed.
@@ -373,6 +377,23 @@ impl Loader {
             if path.extension().and_then(|e| e.to_str()) != Some("toml") {
                 continue;
             }
+            // A settled file whose stamp did not change is not read again (see `Stamp`).
+            let stamp = if overrides.contains_key(&path) {
+                None
+            } else {
+                crate::certs::Stamp::of(&path).map(|(st, _)| st)
+            };
+            if let (Some((hash, Some(old), r)), Some(now)) = (self.tenants.get(&path), stamp)
+                && *old == now
+            {
+                let (hash, r) = (*hash, r.clone());
+                match r.as_ref() {
+                    Ok(t) => tenants.push(t.clone()),
+                    Err(e) => errors.extend(e.iter().cloned()),
+                }
+                fresh.insert(path, (hash, Some(now), r));
+                continue;
+            }
             let text = match overrides.get(&path) {
                 Some(t) => t.clone(),
                 None => match std::fs::read_to_string(&path) {
@@ -390,7 +411,7 @@ impl Loader {
             text.hash(&mut h);
             let hash = h.finish();
             let result = match self.tenants.get(&path) {
-                Some((old, r)) if *old == hash => r.clone(),
+                Some((old, _, r)) if *old == hash => r.clone(),
                 _ => {
                     let src = Source {
                         path: path.clone(),
@@ -408,7 +429,8 @@ impl Loader {
                 Ok(t) => tenants.push(t.clone()),
                 Err(e) => errors.extend(e.iter().cloned()),
             }
-            fresh.insert(path, (hash, result));
+            let settled = stamp.filter(crate::certs::Stamp::settled);
+            fresh.insert(path, (hash, settled, result));
         }
         self.tenants = fresh;
         tenants
