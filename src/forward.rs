@@ -13,6 +13,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::sync::Semaphore;
 
+use crate::access::Counted;
 use crate::config::{Backend, Limits};
 
 /// Why a request could not be forwarded.
@@ -52,7 +53,7 @@ impl ForwardError {
 
 /// The pooled connection to the backend, rebuilt only when its settings change.
 pub struct Upstream {
-    client: Client<HttpConnector, Incoming>,
+    client: Client<HttpConnector, Counted>,
     backend: Backend,
     in_flight: Arc<Semaphore>,
     max_in_flight: usize,
@@ -97,7 +98,7 @@ impl Upstream {
     /// Sends `req` to the backend and returns its response head with the body streaming.
     pub async fn forward(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<Counted>,
         client: &ClientSide<'_>,
     ) -> Result<Response<Incoming>, ForwardError> {
         let permit = self

@@ -4,6 +4,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -12,6 +13,7 @@ use http::{Request, Response, StatusCode};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 
+use crate::access::{Counted, Logged, Record};
 use crate::certs::CertEntry;
 use crate::forward::ClientSide;
 use crate::host::{self, HostBuf};
@@ -19,7 +21,10 @@ use crate::policy::{self, Decision, TlsFacts};
 use crate::server::Gateway;
 
 /// Response bodies: the backend's, streamed, or one of our short pages.
-pub type Body = Either<Incoming, Full<Bytes>>;
+pub type Page = Either<Incoming, Full<Bytes>>;
+
+/// What the gateway sends: a page or the backend's body, logged at its end.
+pub type Body = Logged<Page>;
 
 /// What one connection knows about itself.
 pub struct Conn {
@@ -27,16 +32,92 @@ pub struct Conn {
     pub peer: SocketAddr,
     /// SNI and presented certificate, for HTTPS connections.
     pub tls: Option<(Box<str>, Arc<CertEntry>)>,
+    /// Requests the client abandoned before their answer (an HTTP/2 reset), and answered.
+    cancelled: AtomicU32,
+    answered: AtomicU32,
+    /// Signalled when this connection looks like an HTTP/2 "rapid reset" flood.
+    pub abuse: tokio::sync::Notify,
+}
+
+/// More abandoned requests than this, and more than were answered, cuts the connection off:
+/// browsers cancel a few streams, a rapid-reset flood cancels nearly all of them.
+const MAX_CANCELLED: u32 = 100;
+
+impl Conn {
+    /// A connection's state.
+    pub fn new(
+        gateway: Arc<Gateway>,
+        peer: SocketAddr,
+        tls: Option<(Box<str>, Arc<CertEntry>)>,
+    ) -> Self {
+        Conn {
+            gateway,
+            peer,
+            tls,
+            cancelled: AtomicU32::new(0),
+            answered: AtomicU32::new(0),
+            abuse: tokio::sync::Notify::new(),
+        }
+    }
+}
+
+/// Counts a request whose future was dropped before it produced a response.
+struct CancelGuard<'a> {
+    conn: &'a Conn,
+    done: bool,
+}
+
+impl Drop for CancelGuard<'_> {
+    fn drop(&mut self) {
+        if self.done {
+            self.conn.answered.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let cancelled = self.conn.cancelled.fetch_add(1, Ordering::Relaxed) + 1;
+        if cancelled > MAX_CANCELLED && cancelled > self.conn.answered.load(Ordering::Relaxed) {
+            self.conn.abuse.notify_one();
+        }
+    }
+}
+
+/// A request with both Content-Length and Transfer-Encoding, or disagreeing Content-Lengths:
+/// the shapes of request smuggling (RFC 9112 §6.3), refused rather than repaired.
+fn smuggling_shape(req: &Request<Incoming>) -> bool {
+    let h = req.headers();
+    if !h.contains_key(header::CONTENT_LENGTH) {
+        return false;
+    }
+    if h.contains_key(header::TRANSFER_ENCODING) {
+        return true;
+    }
+    let mut values = h
+        .get_all(header::CONTENT_LENGTH)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii);
+    let first = values.next();
+    values.any(|v| Some(v) != first)
 }
 
 /// Serves one request; never fails (errors become pages).
 pub async fn handle(conn: Arc<Conn>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    let mut guard = CancelGuard {
+        conn: &conn,
+        done: false,
+    };
+    let resp = handle_inner(&conn, req).await;
+    guard.done = true;
+    Ok(resp)
+}
+
+async fn handle_inner(conn: &Conn, req: Request<Incoming>) -> Response<Body> {
     let started = Instant::now();
     let snapshot = conn.gateway.live.load_full();
     let authority = authority_of(&req);
     let mut buf: HostBuf = [0; host::MAX_HOST_LEN + 2];
     let tls = conn.tls.as_ref().map(|(sni, cert)| TlsFacts { sni, cert });
     let decision = match &authority {
+        _ if smuggling_shape(&req) => Decision::BadFraming,
         Ok(a) => policy::decide(
             &snapshot.table,
             tls.as_ref(),
@@ -46,7 +127,9 @@ pub async fn handle(conn: Arc<Conn>, req: Request<Incoming>) -> Result<Response<
         Err(()) => Decision::BadHost,
     };
     let method = req.method().clone();
-    let path = req.uri().path().to_owned();
+    let path: Box<str> = req.uri().path().into();
+    let bytes_in = Arc::new(AtomicU64::new(0));
+    let mut upstream = None;
 
     let (resp, upstream_error) = match (decision, &authority) {
         (Decision::Forward { tenant, .. }, Ok(Some(authority))) => {
@@ -56,7 +139,11 @@ pub async fn handle(conn: Arc<Conn>, req: Request<Incoming>) -> Result<Response<
                 authority,
                 tenant: tenant.map(|t| &t.header),
             };
-            match snapshot.upstream.forward(req, &client).await {
+            let req = req.map(|b| Counted::new(b, bytes_in.clone()));
+            let sent = Instant::now();
+            let result = snapshot.upstream.forward(req, &client).await;
+            upstream = Some(sent.elapsed());
+            match result {
                 Ok(r) => (r.map(Either::Left), None),
                 Err(e) => {
                     let page = page(e.status(), &format!("{e}."));
@@ -87,19 +174,20 @@ pub async fn handle(conn: Arc<Conn>, req: Request<Incoming>) -> Result<Response<
             .get_or_create(&crate::metrics::KindLabel { kind: e.label() })
             .inc();
     }
-    tracing::info!(
-        target: "access",
-        client = %conn.peer,
-        host = decision.host().unwrap_or("-"),
-        tenant = decision.tenant().map_or("-", |t| t.domain.as_str()),
-        method = %method,
-        path = %path,
+    let record = Box::new(Record {
+        started,
+        client: conn.peer,
+        host: decision.host().map(Into::into),
+        tenant: decision.tenant().map(|t| t.header.clone()),
+        method,
+        path,
         status,
-        decision = decision.label(),
-        upstream_error = upstream_error.as_ref().map_or("-", |e| e.label()),
-        duration_us = elapsed.as_micros() as u64,
-    );
-    Ok(resp)
+        decision: decision.label(),
+        upstream,
+        upstream_error: upstream_error.as_ref().map(|e| e.label()),
+        bytes_in,
+    });
+    resp.map(|b| Logged::new(b, record))
 }
 
 /// The request's authority: `:authority`/absolute-form URI if present, else the one `Host`
@@ -129,6 +217,9 @@ fn authority_of(req: &Request<Incoming>) -> Result<Option<HeaderValue>, ()> {
 fn refusal_text(d: &Decision<'_, '_>) -> String {
     match *d {
         Decision::BadHost => "the request has no valid Host header.".into(),
+        Decision::BadFraming => {
+            "the request has both Content-Length and Transfer-Encoding, or conflicting Content-Lengths.".into()
+        }
         Decision::WrongCertificate { host } => format!(
             "{host} is not covered by the certificate of this connection; open a new connection for it."
         ),
@@ -153,7 +244,7 @@ fn refusal_text(d: &Decision<'_, '_>) -> String {
 }
 
 /// A short text page: status line words, then why.
-pub fn page(status: StatusCode, why: &str) -> Response<Body> {
+pub fn page(status: StatusCode, why: &str) -> Response<Page> {
     let text = format!(
         "{} {}: {why}\n",
         status.as_u16(),
@@ -170,7 +261,7 @@ pub fn page(status: StatusCode, why: &str) -> Response<Body> {
     resp
 }
 
-fn redirect(gw: &Gateway, host: &str, req: &Request<Incoming>) -> Response<Body> {
+fn redirect(gw: &Gateway, host: &str, req: &Request<Incoming>) -> Response<Page> {
     let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
     let location = match gw.https_port {
         Some(443) | None => format!("https://{host}{pq}"),

@@ -10,6 +10,7 @@
 //! operator: cli (clap types, in main.rs) -> ops (check, demo) -> atomic writes
 //! ```
 
+pub mod access;
 pub mod admin;
 pub mod certs;
 pub mod config;

@@ -22,8 +22,17 @@ struct Cli {
     /// Log level or filter (overrides RUST_LOG), e.g. `info` or `logon_gate=debug`.
     #[arg(long, global = true)]
     log_level: Option<String>,
+    /// Log lines as `human` text or one `json` object per line.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Option<Command>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum LogFormat {
+    Human,
+    Json,
 }
 
 #[derive(Subcommand, Debug)]
@@ -114,7 +123,7 @@ enum CertCmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(cli.log_level.as_deref());
+    init_tracing(cli.log_level.as_deref(), cli.log_format);
     let result = match cli.command.unwrap_or(Command::Serve) {
         Command::Check => check(&cli.config),
         Command::Tenant(cmd) => tenant(&cli.config, cmd),
@@ -183,19 +192,22 @@ fn domain(config: &std::path::Path, cmd: DomainCmd) -> Result<(), String> {
     }
 }
 
-fn init_tracing(level: Option<&str>) {
+fn init_tracing(level: Option<&str>, format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter = match level {
         Some(l) => EnvFilter::try_new(l).unwrap_or_else(|_| EnvFilter::new("info")),
         None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
     };
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         // A closed stderr must not take the gateway down (eprintln! would panic).
-        .log_internal_errors(false)
-        .init();
+        .log_internal_errors(false);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, String> {

@@ -21,6 +21,8 @@ pub struct TlsFacts<'a> {
 pub enum Decision<'t, 'b> {
     /// Missing or malformed Host: 400.
     BadHost,
+    /// Ambiguous body framing (request smuggling shapes): 400. Decided by the handler.
+    BadFraming,
     /// Over HTTPS, a Host the presented certificate does not cover: 421.
     WrongCertificate { host: &'b str },
     /// Neither a platform host nor a configured logon address: 421.
@@ -43,7 +45,7 @@ impl Decision<'_, '_> {
     /// The status code SPEC §3 assigns (forwarded requests get the backend's).
     pub fn status(&self) -> StatusCode {
         match self {
-            Decision::BadHost => StatusCode::BAD_REQUEST,
+            Decision::BadHost | Decision::BadFraming => StatusCode::BAD_REQUEST,
             Decision::WrongCertificate { .. } | Decision::UnknownHost { .. } => {
                 StatusCode::MISDIRECTED_REQUEST
             }
@@ -57,6 +59,7 @@ impl Decision<'_, '_> {
     pub fn label(&self) -> &'static str {
         match self {
             Decision::BadHost => "bad_host",
+            Decision::BadFraming => "bad_framing",
             Decision::WrongCertificate { .. } => "wrong_certificate",
             Decision::UnknownHost { .. } => "unknown_host",
             Decision::NotEnabled { .. } => "not_enabled",
@@ -68,7 +71,7 @@ impl Decision<'_, '_> {
     /// The normalised host, when there is one.
     pub fn host(&self) -> Option<&str> {
         match *self {
-            Decision::BadHost => None,
+            Decision::BadHost | Decision::BadFraming => None,
             Decision::WrongCertificate { host }
             | Decision::UnknownHost { host }
             | Decision::NotEnabled { host, .. }

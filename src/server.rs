@@ -288,6 +288,7 @@ async fn accept_loop(
         let _ = tcp.set_nodelay(true);
         let gw = gw.clone();
         let watcher = graceful.watcher();
+        let mut stop = stop.clone();
         tokio::spawn(async move {
             let _slot = slot;
             let label = crate::metrics::ListenerLabel {
@@ -296,13 +297,9 @@ async fn accept_loop(
             let open = gw.metrics.connections.get_or_create(&label).clone();
             open.inc();
             if https {
-                serve_tls(tcp, peer, gw, watcher).await;
+                serve_tls(tcp, peer, gw.clone(), watcher, &mut stop).await;
             } else {
-                let conn = Arc::new(Conn {
-                    gateway: gw.clone(),
-                    peer,
-                    tls: None,
-                });
+                let conn = Arc::new(Conn::new(gw.clone(), peer, None));
                 serve_http(TokioIo::new(tcp), conn, None, watcher).await;
             }
             open.dec();
@@ -310,11 +307,22 @@ async fn accept_loop(
     }
 }
 
-async fn serve_tls(tcp: TcpStream, peer: SocketAddr, gw: Arc<Gateway>, watcher: Watcher) {
+async fn serve_tls(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    gw: Arc<Gateway>,
+    watcher: Watcher,
+    stop: &mut watch::Receiver<bool>,
+) {
     let limits = gw.snapshot().table.settings.limits;
     let lookup = |sni: &str| gw.snapshot().table.cert_for(sni).cloned();
     let handshake = crate::tls::accept(tcp, &gw.tls, lookup);
-    let result = tokio::time::timeout(limits.tls_handshake_timeout, handshake).await;
+    let result = tokio::select! {
+        r = tokio::time::timeout(limits.tls_handshake_timeout, handshake) => r,
+        // A shutdown abandons handshakes still under way: they carry no request yet and must
+        // not hold the drain up until their timeout.
+        _ = stopped(stop) => return,
+    };
     let outcome = match &result {
         Err(_) => "timeout",
         Ok(Err(e)) => e.label(),
@@ -336,11 +344,7 @@ async fn serve_tls(tcp: TcpStream, peer: SocketAddr, gw: Arc<Gateway>, watcher: 
         Ok(Ok(x)) => x,
     };
     let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
-    let conn = Arc::new(Conn {
-        gateway: gw.clone(),
-        peer,
-        tls: Some((sni, cert)),
-    });
+    let conn = Arc::new(Conn::new(gw.clone(), peer, Some((sni, cert))));
     serve_http(TokioIo::new(stream), conn, Some(h2), watcher).await;
 }
 
@@ -361,8 +365,14 @@ where
     let svc_conn = conn.clone();
     let svc = service_fn(move |req| handler::handle(svc_conn.clone(), req));
     let served = builder.serve_connection_with_upgrades(io, svc).into_owned();
-    if let Err(e) = watcher.watch(served).await {
-        tracing::debug!(peer = %conn.peer, error = %e, "connection ended with an error");
+    tokio::select! {
+        r = watcher.watch(served) => if let Err(e) = r {
+            tracing::debug!(peer = %conn.peer, error = %e, "connection ended with an error");
+        },
+        // Dropping the connection closes it: the client's streams end with it.
+        _ = conn.abuse.notified() => {
+            tracing::warn!(peer = %conn.peer, "closed a connection that abandoned most of its requests (HTTP/2 rapid reset)");
+        }
     }
 }
 

@@ -1,0 +1,157 @@
+//! The access log: one structured line per request (target `access`), written when the
+//! response body has been sent or abandoned, so bytes and durations are the real ones, as in
+//! nginx. Bytes in are counted as the request body streams to the backend.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderValue, Method};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+
+/// Everything the line says except bytes out, gathered while the request is handled.
+pub struct Record {
+    pub started: Instant,
+    pub client: SocketAddr,
+    pub host: Option<Box<str>>,
+    pub tenant: Option<HeaderValue>,
+    pub method: Method,
+    pub path: Box<str>,
+    pub status: u16,
+    pub decision: &'static str,
+    pub upstream: Option<Duration>,
+    pub upstream_error: Option<&'static str>,
+    pub bytes_in: Arc<AtomicU64>,
+}
+
+impl Record {
+    fn emit(&self, bytes_out: u64, completed: bool) {
+        tracing::info!(
+            target: "access",
+            client = %self.client,
+            host = self.host.as_deref().unwrap_or("-"),
+            tenant = self.tenant.as_ref().and_then(|t| t.to_str().ok()).unwrap_or("-"),
+            method = self.method.as_str(),
+            path = &*self.path,
+            status = self.status,
+            decision = self.decision,
+            bytes_in = self.bytes_in.load(Ordering::Relaxed),
+            bytes_out,
+            duration_us = self.started.elapsed().as_micros() as u64,
+            upstream_us = self.upstream.map_or(0, |d| d.as_micros() as u64),
+            upstream_error = self.upstream_error.unwrap_or("-"),
+            completed,
+        );
+    }
+}
+
+/// A response body that counts what it sends and writes the access line at its end.
+pub struct Logged<B> {
+    inner: B,
+    record: Option<Box<Record>>,
+    bytes_out: u64,
+}
+
+impl<B> Logged<B> {
+    /// Wraps `inner`; the line is written when it ends or is dropped.
+    pub fn new(inner: B, record: Box<Record>) -> Self {
+        Logged {
+            inner,
+            record: Some(record),
+            bytes_out: 0,
+        }
+    }
+
+    fn finish(&mut self, completed: bool) {
+        if let Some(r) = self.record.take() {
+            r.emit(self.bytes_out, completed);
+        }
+    }
+}
+
+impl<B> Drop for Logged<B> {
+    fn drop(&mut self) {
+        // Dropped before its end: the client went away (nginx logs these as 499).
+        self.finish(false);
+    }
+}
+
+impl<B> Body for Logged<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(d) = frame.data_ref() {
+                    self.bytes_out += d.len() as u64;
+                }
+                if self.inner.is_end_stream() {
+                    self.finish(true);
+                }
+            }
+            Poll::Ready(None) => self.finish(true),
+            Poll::Ready(Some(Err(_))) => self.finish(false),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A request body that counts the bytes it passes on.
+pub struct Counted {
+    inner: Incoming,
+    count: Arc<AtomicU64>,
+}
+
+impl Counted {
+    /// Wraps `inner`, adding to `count`.
+    pub fn new(inner: Incoming, count: Arc<AtomicU64>) -> Self {
+        Counted { inner, count }
+    }
+}
+
+impl Body for Counted {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(d) = frame.data_ref()
+        {
+            self.count.fetch_add(d.len() as u64, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
