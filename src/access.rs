@@ -57,11 +57,11 @@ pub struct Logged<B> {
 }
 
 impl<B> Logged<B> {
-    /// Wraps `inner`; the line is written when it ends or is dropped.
-    pub fn new(inner: B, record: Box<Record>) -> Self {
+    /// Wraps `inner`; the line (if any) is written when it ends or is dropped.
+    pub fn new(inner: B, record: Option<Box<Record>>) -> Self {
         Logged {
             inner,
-            record: Some(record),
+            record,
             bytes_out: 0,
         }
     }
@@ -120,12 +120,12 @@ where
 /// A request body that counts the bytes it passes on.
 pub struct Counted {
     inner: Incoming,
-    count: Arc<AtomicU64>,
+    count: Option<Arc<AtomicU64>>,
 }
 
 impl Counted {
-    /// Wraps `inner`, adding to `count`.
-    pub fn new(inner: Incoming, count: Arc<AtomicU64>) -> Self {
+    /// Wraps `inner`, adding to `count` (when there is one).
+    pub fn new(inner: Incoming, count: Option<Arc<AtomicU64>>) -> Self {
         Counted { inner, count }
     }
 }
@@ -141,8 +141,9 @@ impl Body for Counted {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         if let Poll::Ready(Some(Ok(frame))) = &polled
             && let Some(d) = frame.data_ref()
+            && let Some(count) = &self.count
         {
-            self.count.fetch_add(d.len() as u64, Ordering::Relaxed);
+            count.fetch_add(d.len() as u64, Ordering::Relaxed);
         }
         polled
     }

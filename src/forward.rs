@@ -7,14 +7,12 @@ use std::time::Duration;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
-use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::sync::Semaphore;
 
 use crate::access::Counted;
 use crate::config::{Backend, Limits};
+use crate::pool::{Pool, PoolBody, PoolError};
 
 /// Why a request could not be forwarded.
 #[derive(Debug, thiserror::Error)]
@@ -53,7 +51,7 @@ impl ForwardError {
 
 /// The pooled connection to the backend, rebuilt only when its settings change.
 pub struct Upstream {
-    client: Client<HttpConnector, Counted>,
+    pool: Arc<Pool>,
     backend: Backend,
     in_flight: Arc<Semaphore>,
     max_in_flight: usize,
@@ -61,7 +59,10 @@ pub struct Upstream {
 
 /// Facts about the client side that the backend is told in proxy headers.
 pub struct ClientSide<'a> {
-    pub peer: SocketAddr,
+    /// The client's IP as a header value (built once per connection).
+    pub peer_ip: &'a HeaderValue,
+    /// `for=...` of the Forwarded header (built once per connection).
+    pub forwarded_for: &'a str,
     pub https: bool,
     /// The Host the client asked for, as sent (port included).
     pub authority: &'a HeaderValue,
@@ -72,18 +73,13 @@ pub struct ClientSide<'a> {
 impl Upstream {
     /// A client for `backend`, with keep-alive pooling and `TCP_NODELAY`.
     pub fn new(backend: &Backend, limits: &Limits) -> Upstream {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(backend.connect_timeout));
-        connector.set_nodelay(true);
-        connector.set_keepalive(Some(Duration::from_secs(60)));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(limits.backend_max_in_flight)
-            .build(connector);
+        let pool = Pool::new(
+            backend.authority.clone(),
+            backend.connect_timeout,
+            limits.backend_max_in_flight,
+        );
         Upstream {
-            client,
+            pool,
             backend: backend.clone(),
             in_flight: Arc::new(Semaphore::new(limits.backend_max_in_flight)),
             max_in_flight: limits.backend_max_in_flight,
@@ -100,7 +96,7 @@ impl Upstream {
         &self,
         mut req: Request<Counted>,
         client: &ClientSide<'_>,
-    ) -> Result<Response<Incoming>, ForwardError> {
+    ) -> Result<Response<PoolBody>, ForwardError> {
         let permit = self
             .in_flight
             .clone()
@@ -120,17 +116,18 @@ impl Upstream {
         }
         set_proxy_headers(headers, client);
 
-        let sent = self.client.request(Request::from_parts(parts, body));
+        let sent = self.pool.send(Request::from_parts(parts, body));
         let mut resp = match tokio::time::timeout(self.backend.response_timeout, sent).await {
             Err(_) => return Err(ForwardError::Timeout(self.backend.response_timeout)),
-            Ok(Err(e)) if e.is_connect() => return Err(ForwardError::Unreachable(error_chain(&e))),
-            Ok(Err(e)) => return Err(ForwardError::Failed(error_chain(&e))),
+            Ok(Err(PoolError::Connect(e))) => return Err(ForwardError::Unreachable(e)),
+            Ok(Err(PoolError::Request(e))) => return Err(ForwardError::Failed(error_chain(&e))),
             Ok(Ok(r)) => r,
         };
 
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS
             && let Some(client_upgrade) = client_upgrade
         {
+            resp.body_mut().detach();
             let backend_upgrade = hyper::upgrade::on(&mut resp);
             tokio::spawn(async move {
                 // The permit is held for the life of the tunnel.
@@ -147,17 +144,17 @@ impl Upstream {
         Ok(resp)
     }
 
+    /// The origin-form URI sent to the backend: its base path, then the request's path and
+    /// query (the Host header says which site; the connection says which server).
     fn backend_uri(&self, original: &Uri) -> Result<Uri, ForwardError> {
+        if self.backend.base_path.is_empty() {
+            return Ok(original
+                .path_and_query()
+                .map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone())));
+        }
         let pq = original.path_and_query().map_or("/", |pq| pq.as_str());
-        let mut b = Uri::builder()
-            .scheme("http")
-            .authority(self.backend.authority.clone());
-        b = if self.backend.base_path.is_empty() {
-            b.path_and_query(pq)
-        } else {
-            b.path_and_query(format!("{}{}", self.backend.base_path, pq))
-        };
-        b.build().map_err(|e| ForwardError::Failed(e.to_string()))
+        Uri::try_from(format!("{}{}", self.backend.base_path, pq))
+            .map_err(|e| ForwardError::Failed(e.to_string()))
     }
 }
 
@@ -201,18 +198,23 @@ static HOP_BY_HOP: [HeaderName; 8] = [
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1), including any the Connection header names,
 /// and `Upgrade` (re-added by the caller for a real upgrade).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if let Some(conn) = headers.get(header::CONNECTION) {
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .chain(std::iter::once(conn))
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-            .collect();
-        for n in named {
-            headers.remove(n);
+    // Only unusual tokens need a HeaderName built (an allocation); `close`, `keep-alive` and
+    // `upgrade`, nearly all that is ever sent, are covered by the fixed list below.
+    let mut named: Vec<HeaderName> = Vec::new();
+    for v in headers.get_all(header::CONNECTION) {
+        for t in v.as_bytes().split(|&b| b == b',') {
+            let t = t.trim_ascii();
+            let usual = t.is_empty()
+                || t.eq_ignore_ascii_case(b"close")
+                || t.eq_ignore_ascii_case(b"keep-alive")
+                || t.eq_ignore_ascii_case(b"upgrade");
+            if !usual && let Ok(n) = HeaderName::from_bytes(t) {
+                named.push(n);
+            }
         }
+    }
+    for n in named {
+        headers.remove(n);
     }
     for h in &HOP_BY_HOP {
         headers.remove(h);
@@ -227,31 +229,48 @@ static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 /// Names the tenant to the backend; never taken from the client.
 pub static X_LOGON_TENANT: HeaderName = HeaderName::from_static("x-logon-tenant");
 
+/// The per-connection parts of the proxy headers: the peer IP as a header value and the
+/// `for=` element of `Forwarded` (quoted and bracketed for IPv6, RFC 7239).
+pub fn peer_parts(peer: SocketAddr) -> (HeaderValue, Box<str>) {
+    let ip = peer.ip();
+    let text = ip.to_string();
+    let value =
+        HeaderValue::from_str(&text).unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+    let forwarded = if ip.is_ipv6() {
+        format!("for=\"[{text}]\"")
+    } else {
+        format!("for={text}")
+    };
+    (value, forwarded.into())
+}
+
 fn set_proxy_headers(headers: &mut HeaderMap, client: &ClientSide<'_>) {
-    let ip = client.peer.ip();
-    let ip_text = ip.to_string();
-    let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) if !prev.trim().is_empty() => {
-            let all: Vec<&str> = headers
+    match headers.get(&X_FORWARDED_FOR) {
+        Some(prev) if !prev.as_bytes().trim_ascii().is_empty() => {
+            let mut all: Vec<&str> = headers
                 .get_all(&X_FORWARDED_FOR)
                 .iter()
                 .filter_map(|v| v.to_str().ok())
                 .collect();
-            format!("{}, {ip_text}", all.join(", "))
+            all.push(client.peer_ip.to_str().unwrap_or_default());
+            set(headers, &X_FORWARDED_FOR, all.join(", "));
         }
-        _ => ip_text.clone(),
-    };
-    set(headers, &X_FORWARDED_FOR, xff);
+        _ => {
+            headers.insert(&X_FORWARDED_FOR, client.peer_ip.clone());
+        }
+    }
     let proto = if client.https { "https" } else { "http" };
     headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     headers.insert(&X_FORWARDED_HOST, client.authority.clone());
     let host_text = client.authority.to_str().unwrap_or_default();
-    let forwarded = if ip.is_ipv6() {
-        format!("for=\"[{ip_text}]\";host=\"{host_text}\";proto={proto}")
-    } else {
-        format!("for={ip_text};host=\"{host_text}\";proto={proto}")
-    };
-    set(headers, &FORWARDED, forwarded);
+    set(
+        headers,
+        &FORWARDED,
+        format!(
+            "{};host=\"{host_text}\";proto={proto}",
+            client.forwarded_for
+        ),
+    );
     headers.insert(header::HOST, client.authority.clone());
     headers.remove(&X_LOGON_TENANT);
     if let Some(t) = client.tenant {
@@ -292,10 +311,12 @@ mod tests {
         h.append(&X_FORWARDED_FOR, HeaderValue::from_static("203.0.113.9"));
         h.insert(&X_LOGON_TENANT, HeaderValue::from_static("evil.example"));
         let host = HeaderValue::from_static("webmail.example.net:8443");
+        let (peer_ip, forwarded_for) = peer_parts("[::1]:5555".parse().expect("addr"));
         set_proxy_headers(
             &mut h,
             &ClientSide {
-                peer: "[::1]:5555".parse().expect("addr"),
+                peer_ip: &peer_ip,
+                forwarded_for: &forwarded_for,
                 https: true,
                 authority: &host,
                 tenant: None,

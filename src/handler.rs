@@ -18,10 +18,11 @@ use crate::certs::CertEntry;
 use crate::forward::ClientSide;
 use crate::host::{self, HostBuf};
 use crate::policy::{self, Decision, TlsFacts};
+use crate::pool::PoolBody;
 use crate::server::Gateway;
 
 /// Response bodies: the backend's, streamed, or one of our short pages.
-pub type Page = Either<Incoming, Full<Bytes>>;
+pub type Page = Either<PoolBody, Full<Bytes>>;
 
 /// What the gateway sends: a page or the backend's body, logged at its end.
 pub type Body = Logged<Page>;
@@ -37,6 +38,9 @@ pub struct Conn {
     answered: AtomicU32,
     /// Signalled when this connection looks like an HTTP/2 "rapid reset" flood.
     pub abuse: tokio::sync::Notify,
+    /// Proxy-header parts that depend only on the peer, built once.
+    peer_ip: HeaderValue,
+    forwarded_for: Box<str>,
 }
 
 /// More abandoned requests than this, and more than were answered, cuts the connection off:
@@ -50,10 +54,13 @@ impl Conn {
         peer: SocketAddr,
         tls: Option<(Box<str>, Arc<CertEntry>)>,
     ) -> Self {
+        let (peer_ip, forwarded_for) = crate::forward::peer_parts(peer);
         Conn {
             gateway,
             peer,
             tls,
+            peer_ip,
+            forwarded_for,
             cancelled: AtomicU32::new(0),
             answered: AtomicU32::new(0),
             abuse: tokio::sync::Notify::new(),
@@ -126,23 +133,26 @@ async fn handle_inner(conn: &Conn, req: Request<Incoming>) -> Response<Body> {
         ),
         Err(()) => Decision::BadHost,
     };
+    // The access line's parts are gathered only when it will be written.
+    let logging = tracing::enabled!(target: "access", tracing::Level::INFO);
     let method = req.method().clone();
-    let path: Box<str> = req.uri().path().into();
-    let bytes_in = Arc::new(AtomicU64::new(0));
+    let path: Option<Box<str>> = logging.then(|| req.uri().path().into());
+    let bytes_in = logging.then(|| Arc::new(AtomicU64::new(0)));
     let mut upstream = None;
 
     let (resp, upstream_error) = match (decision, &authority) {
         (Decision::Forward { tenant, .. }, Ok(Some(authority))) => {
             let client = ClientSide {
-                peer: conn.peer,
+                peer_ip: &conn.peer_ip,
+                forwarded_for: &conn.forwarded_for,
                 https: conn.tls.is_some(),
                 authority,
                 tenant: tenant.map(|t| &t.header),
             };
             let req = req.map(|b| Counted::new(b, bytes_in.clone()));
-            let sent = Instant::now();
+            let sent = logging.then(Instant::now);
             let result = snapshot.upstream.forward(req, &client).await;
-            upstream = Some(sent.elapsed());
+            upstream = sent.map(|t| t.elapsed());
             match result {
                 Ok(r) => (r.map(Either::Left), None),
                 Err(e) => {
@@ -162,30 +172,27 @@ async fn handle_inner(conn: &Conn, req: Request<Incoming>) -> Response<Body> {
     let status = resp.status().as_u16();
     let elapsed = started.elapsed();
     let m = &conn.gateway.metrics;
-    m.requests
-        .get_or_create(&crate::metrics::RequestLabels {
-            decision: decision.label(),
-            status: crate::metrics::status_class(status),
-        })
-        .inc();
+    m.request(decision.label(), status);
     m.duration.observe(elapsed.as_secs_f64());
     if let Some(e) = &upstream_error {
         m.upstream_errors
             .get_or_create(&crate::metrics::KindLabel { kind: e.label() })
             .inc();
     }
-    let record = Box::new(Record {
-        started,
-        client: conn.peer,
-        host: decision.host().map(Into::into),
-        tenant: decision.tenant().map(|t| t.header.clone()),
-        method,
-        path,
-        status,
-        decision: decision.label(),
-        upstream,
-        upstream_error: upstream_error.as_ref().map(|e| e.label()),
-        bytes_in,
+    let record = path.map(|path| {
+        Box::new(Record {
+            started,
+            client: conn.peer,
+            host: decision.host().map(Into::into),
+            tenant: decision.tenant().map(|t| t.header.clone()),
+            method,
+            path,
+            status,
+            decision: decision.label(),
+            upstream,
+            upstream_error: upstream_error.as_ref().map(|e| e.label()),
+            bytes_in: bytes_in.unwrap_or_default(),
+        })
     });
     resp.map(|b| Logged::new(b, record))
 }

@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod ops;
 pub mod pki;
 pub mod policy;
+pub mod pool;
 pub mod reload;
 pub mod server;
 pub mod table;

@@ -38,8 +38,22 @@ pub struct CertLabel {
     pub file: String,
 }
 
+/// Every decision label, in a fixed order (see `Metrics::request`).
+pub const DECISIONS: [&str; 7] = [
+    "forward",
+    "redirect_https",
+    "not_enabled",
+    "unknown_host",
+    "wrong_certificate",
+    "bad_host",
+    "bad_framing",
+];
+const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
 /// All of the gateway's metrics.
 pub struct Metrics {
+    /// Counters of `requests`, resolved once so the request path does no label hashing.
+    by_decision: Vec<[Counter; 5]>,
     pub requests: Family<RequestLabels, Counter>,
     pub duration: Histogram,
     pub connections: Family<ListenerLabel, Gauge>,
@@ -49,17 +63,6 @@ pub struct Metrics {
     pub generation: Gauge<u64, AtomicU64>,
     pub cert_expiry: Family<CertLabel, Gauge>,
     registry: Registry,
-}
-
-/// `2xx`, `4xx`...: a bounded label for a status code.
-pub fn status_class(code: u16) -> &'static str {
-    match code {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
-    }
 }
 
 impl Default for Metrics {
@@ -72,8 +75,23 @@ impl Metrics {
     /// Registers every metric under the `logon_gate` prefix.
     pub fn new() -> Metrics {
         let mut registry = Registry::with_prefix("logon_gate");
+        let requests: Family<RequestLabels, Counter> = Family::default();
+        let by_decision = DECISIONS
+            .iter()
+            .map(|d| {
+                CLASSES.map(|c| {
+                    requests
+                        .get_or_create(&RequestLabels {
+                            decision: d,
+                            status: c,
+                        })
+                        .clone()
+                })
+            })
+            .collect();
         let m = Metrics {
-            requests: Family::default(),
+            by_decision,
+            requests,
             duration: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             connections: Family::default(),
             handshakes: Family::default(),
@@ -124,6 +142,24 @@ impl Metrics {
             m.cert_expiry.clone(),
         );
         Metrics { registry, ..m }
+    }
+
+    /// Counts one request.
+    pub fn request(&self, decision: &'static str, status: u16) {
+        let class = (status / 100).clamp(1, 5) as usize - 1;
+        match DECISIONS.iter().position(|d| *d == decision) {
+            Some(i) => {
+                self.by_decision[i][class].inc();
+            }
+            None => {
+                self.requests
+                    .get_or_create(&RequestLabels {
+                        decision,
+                        status: CLASSES[class],
+                    })
+                    .inc();
+            }
+        }
     }
 
     /// Sets the per-certificate expiry gauges from a table (old files disappear).

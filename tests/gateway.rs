@@ -379,3 +379,52 @@ async fn backend_unreachable_is_502_and_slow_is_504() {
     gw.shutdown();
     gw.wait().await.expect("gateway task");
 }
+
+#[tokio::test]
+async fn backend_connections_are_pooled_and_closed_ones_replaced() {
+    let backend = Backend::start().await;
+    let f = Fixture::new(&backend.url(), "");
+    let gw = f.start().await;
+    let mut c = https_client(
+        gw.https.expect("https"),
+        &f.pki.ca_der(),
+        "webmail.example.net",
+        true,
+    )
+    .await;
+    for _ in 0..20 {
+        assert_eq!(
+            c.get("webmail.example.net", "/").await.status,
+            StatusCode::OK
+        );
+    }
+    assert_eq!(
+        backend.conns.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "sequential requests should reuse one connection"
+    );
+    // The backend closes after each of these: every one still succeeds on a fresh connection.
+    for _ in 0..5 {
+        let r = c.get("webmail.example.net", "/close").await;
+        assert_eq!((r.status, r.text().as_str()), (StatusCode::OK, "closing"));
+    }
+    assert!(backend.conns.load(std::sync::atomic::Ordering::SeqCst) >= 5);
+    // A large body read to its end hands its connection back in a usable state.
+    let mut d = https_client(
+        gw.https.expect("https"),
+        &f.pki.ca_der(),
+        "webmail.example.net",
+        false,
+    )
+    .await;
+    let r = d.get("webmail.example.net", "/download?n=100000").await;
+    assert_eq!(r.body.len(), 100000);
+    for _ in 0..5 {
+        assert_eq!(
+            c.get("webmail.example.net", "/").await.status,
+            StatusCode::OK
+        );
+    }
+    gw.shutdown();
+    gw.wait().await.expect("gateway task");
+}

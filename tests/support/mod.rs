@@ -47,6 +47,8 @@ where
 pub struct Backend {
     pub addr: SocketAddr,
     pub hits: Arc<AtomicUsize>,
+    /// TCP connections accepted.
+    pub conns: Arc<AtomicUsize>,
 }
 
 impl Backend {
@@ -56,12 +58,15 @@ impl Backend {
             .expect("bind backend");
         let addr = listener.local_addr().expect("addr");
         let hits = Arc::new(AtomicUsize::new(0));
+        let conns = Arc::new(AtomicUsize::new(0));
         let h = hits.clone();
+        let c = conns.clone();
         tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else {
                     continue;
                 };
+                c.fetch_add(1, Ordering::SeqCst);
                 let h = h.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req| backend_handle(h.clone(), req));
@@ -72,7 +77,7 @@ impl Backend {
                 });
             }
         });
-        Backend { addr, hits }
+        Backend { addr, hits, conns }
     }
 
     pub fn url(&self) -> String {
@@ -113,6 +118,12 @@ async fn backend_handle(
     let resp = match path.as_str() {
         "/echo" => Response::new(req.into_body().boxed()),
         "/download" => Response::new(full(pattern(num("n") as usize))),
+        "/close" => {
+            let mut r = Response::new(full("closing"));
+            r.headers_mut()
+                .insert("connection", http::HeaderValue::from_static("close"));
+            r
+        }
         "/slow" => {
             tokio::time::sleep(Duration::from_millis(num("ms"))).await;
             Response::new(full("slow done"))
