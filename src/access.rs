@@ -10,36 +10,46 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{HeaderValue, Method};
+use http::{HeaderValue, Method, Uri};
+
+use crate::host::HostBuf;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 /// Everything the line says except bytes out, gathered while the request is handled.
 pub struct Record {
     pub started: Instant,
     pub client: SocketAddr,
-    pub host: Option<Box<str>>,
+    /// The authority as the client sent it; normalised when the line is written.
+    pub host: Option<HeaderValue>,
     pub tenant: Option<HeaderValue>,
     pub method: Method,
-    pub path: Box<str>,
+    pub uri: Uri,
     pub status: u16,
     pub decision: &'static str,
     pub upstream: Option<Duration>,
     pub upstream_error: Option<&'static str>,
-    pub bytes_in: Arc<AtomicU64>,
+    /// Request body bytes; `None` for a request without a body.
+    pub bytes_in: Option<Arc<AtomicU64>>,
 }
 
 impl Record {
     fn emit(&self, bytes_out: u64, completed: bool) {
+        let mut buf: HostBuf = [0; crate::host::MAX_HOST_LEN + 2];
+        let host = self
+            .host
+            .as_ref()
+            .and_then(|h| crate::host::normalize_authority(h.as_bytes(), &mut buf))
+            .unwrap_or("-");
         tracing::info!(
             target: "access",
             client = %self.client,
-            host = self.host.as_deref().unwrap_or("-"),
+            host,
             tenant = self.tenant.as_ref().and_then(|t| t.to_str().ok()).unwrap_or("-"),
             method = self.method.as_str(),
-            path = &*self.path,
+            path = self.uri.path(),
             status = self.status,
             decision = self.decision,
-            bytes_in = self.bytes_in.load(Ordering::Relaxed),
+            bytes_in = self.bytes_in.as_ref().map_or(0, |b| b.load(Ordering::Relaxed)),
             bytes_out,
             duration_us = self.started.elapsed().as_micros() as u64,
             upstream_us = self.upstream.map_or(0, |d| d.as_micros() as u64),

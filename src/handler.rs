@@ -136,8 +136,10 @@ async fn handle_inner(conn: &Conn, req: Request<Incoming>) -> Response<Body> {
     // The access line's parts are gathered only when it will be written.
     let logging = tracing::enabled!(target: "access", tracing::Level::INFO);
     let method = req.method().clone();
-    let path: Option<Box<str>> = logging.then(|| req.uri().path().into());
-    let bytes_in = logging.then(|| Arc::new(AtomicU64::new(0)));
+    // Cheap clones (shared bytes), no allocation; a counter only for requests with a body.
+    let uri = logging.then(|| req.uri().clone());
+    let bytes_in = (logging && !hyper::body::Body::is_end_stream(req.body()))
+        .then(|| Arc::new(AtomicU64::new(0)));
     let mut upstream = None;
 
     let (resp, upstream_error) = match (decision, &authority) {
@@ -179,19 +181,22 @@ async fn handle_inner(conn: &Conn, req: Request<Incoming>) -> Response<Body> {
             .get_or_create(&crate::metrics::KindLabel { kind: e.label() })
             .inc();
     }
-    let record = path.map(|path| {
+    let record = uri.map(|uri| {
         Box::new(Record {
             started,
             client: conn.peer,
-            host: decision.host().map(Into::into),
+            host: authority
+                .ok()
+                .flatten()
+                .filter(|_| decision.host().is_some()),
             tenant: decision.tenant().map(|t| t.header.clone()),
             method,
-            path,
+            uri,
             status,
             decision: decision.label(),
             upstream,
             upstream_error: upstream_error.as_ref().map(|e| e.label()),
-            bytes_in: bytes_in.unwrap_or_default(),
+            bytes_in,
         })
     });
     resp.map(|b| Logged::new(b, record))

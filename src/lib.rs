@@ -18,6 +18,7 @@ pub mod demo;
 pub mod forward;
 pub mod handler;
 pub mod host;
+pub mod logfmt;
 pub mod metrics;
 pub mod ops;
 pub mod pki;

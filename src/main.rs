@@ -14,7 +14,7 @@ use clap::{Parser, Subcommand};
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 use logon_gate::config::Edition;
-use logon_gate::{demo, ops, server};
+use logon_gate::{demo, logfmt, ops, server};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -130,7 +130,8 @@ enum CertCmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(cli.log_level.as_deref(), cli.log_format);
+    // Held to the end of main: dropping it flushes the log lines still queued.
+    let _log_guard = init_tracing(cli.log_level.as_deref(), cli.log_format);
     let result = match cli.command.unwrap_or(Command::Serve) {
         Command::Check => check(&cli.config),
         Command::Tenant(cmd) => tenant(&cli.config, cmd),
@@ -199,22 +200,37 @@ fn domain(config: &std::path::Path, cmd: DomainCmd) -> Result<(), String> {
     }
 }
 
-fn init_tracing(level: Option<&str>, format: LogFormat) {
-    use tracing_subscriber::EnvFilter;
-    let filter = match level {
+/// Logs go to stderr through a shared 64 KiB buffer flushed every 100 ms (`logfmt::LogWriter`),
+/// so under load one write(2) carries many lines. Access lines have their own formatter
+/// (`logfmt::AccessLayer`); everything else uses tracing-subscriber's.
+fn init_tracing(level: Option<&str>, format: LogFormat) -> logfmt::FlushGuard {
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    use tracing_subscriber::{EnvFilter, filter};
+    let env = match level {
         Some(l) => EnvFilter::try_new(l).unwrap_or_else(|_| EnvFilter::new("info")),
         None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
     };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+    let (writer, guard) = logfmt::LogWriter::new(Box::new(std::io::stderr()));
+    let json = format == LogFormat::Json;
+    let general = tracing_subscriber::fmt::layer()
+        .with_writer(writer.clone())
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         // A closed stderr must not take the gateway down (eprintln! would panic).
         .log_internal_errors(false);
-    match format {
-        LogFormat::Human => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-    }
+    let general = if json {
+        general.json().flatten_event(true).boxed()
+    } else {
+        general.boxed()
+    };
+    let not_access = filter::filter_fn(|m| m.target() != logfmt::ACCESS_TARGET);
+    tracing_subscriber::registry()
+        .with(env)
+        .with(general.with_filter(not_access))
+        .with(logfmt::AccessLayer::new(writer, json))
+        .init();
+    guard
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, String> {
