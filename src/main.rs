@@ -204,14 +204,16 @@ fn domain(config: &std::path::Path, cmd: DomainCmd) -> Result<(), String> {
 /// so under load one write(2) carries many lines. Access lines have their own formatter
 /// (`logfmt::AccessLayer`); everything else uses tracing-subscriber's.
 fn init_tracing(level: Option<&str>, format: LogFormat) -> logfmt::FlushGuard {
+    use tracing_subscriber::EnvFilter;
     use tracing_subscriber::Layer as _;
+    use tracing_subscriber::filter::{FilterExt as _, Targets};
     use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
-    use tracing_subscriber::{EnvFilter, filter};
-    let env = match level {
-        Some(l) => EnvFilter::try_new(l).unwrap_or_else(|_| EnvFilter::new("info")),
-        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-    };
+    let spec = level
+        .map(str::to_owned)
+        .or_else(|| std::env::var("RUST_LOG").ok())
+        .unwrap_or_else(|| "info".into());
+    let env = || EnvFilter::try_new(&spec).unwrap_or_else(|_| EnvFilter::new("info"));
     let (writer, guard) = logfmt::LogWriter::new(Box::new(std::io::stderr()));
     let json = format == LogFormat::Json;
     let general = tracing_subscriber::fmt::layer()
@@ -224,11 +226,18 @@ fn init_tracing(level: Option<&str>, format: LogFormat) -> logfmt::FlushGuard {
     } else {
         general.boxed()
     };
-    let not_access = filter::filter_fn(|m| m.target() != logfmt::ACCESS_TARGET);
+    // Each layer carries its own static filter (EnvFilter, Targets): interest is then decided
+    // once per callsite. A global filter mixed with per-layer ones made every tracing callsite
+    // in h2 and tokio ask at run time (about 4% of the gateway's CPU under HTTP/2 load).
+    let not_access = Targets::new()
+        .with_default(tracing::level_filters::LevelFilter::TRACE)
+        .with_target(
+            logfmt::ACCESS_TARGET,
+            tracing::level_filters::LevelFilter::OFF,
+        );
     tracing_subscriber::registry()
-        .with(env)
-        .with(general.with_filter(not_access))
-        .with(logfmt::AccessLayer::new(writer, json))
+        .with(general.with_filter(env().and(not_access)))
+        .with(logfmt::AccessLayer::new(writer, json).with_filter(env()))
         .init();
     guard
 }
