@@ -229,42 +229,52 @@ for port in $GATE_PORT $NGINX_PORT $HAPROXY_PORT; do
 done
 
 RESULTS=()
-run_load() { # name port pids...
-  local name=$1 port=$2; shift 2
-  local pids=("$@") load out before after reqs rps p50 p99 errs cpu
-  for load in h2 h1 new; do
-    before=$(ticks "${pids[@]}")
-    case $load in
-      h2)
-        out=$(h2load -t 1 -c 50 -m 10 -D "$DUR" --connect-to=127.0.0.1:$port \
-          --log-file="$WORK/h2.log" "https://webmail.example.net:$port/" 2>&1)
-        reqs=$(echo "$out" | awk '/^requests:/ {print $8}')
-        rps=$(echo "$out" | awk '/^finished in/ {gsub(",",""); print $4}')
-        errs=$(echo "$out" | awk '/^requests:/ {print $10 + $12}')
-        # Per-request durations (µs, third column) -> p50/p99 in ms.
-        read -r p50 p99 < <(awk '{print $3}' "$WORK/h2.log" | sort -n | awk '{a[NR]=$1} END {printf "%.2f %.2f\n", a[int(NR*0.5)]/1000, a[int(NR*0.99)]/1000}')
-        ;;
-      h1|new)
-        local hdr=()
-        [ "$load" = new ] && hdr=(-H "Connection: close")
-        out=$(wrk -t 1 -c 50 -d "${DUR}s" --latency "${hdr[@]}" "https://webmail.example.net:$port/" 2>&1)
-        reqs=$(echo "$out" | awk '/requests in/ {print $1}')
-        rps=$(echo "$out" | awk '/^Requests\/sec/ {print $2}')
-        errs=$(echo "$out" | awk '/Non-2xx/ {n+=$5} /Socket errors/ {gsub(",",""); n+=$4+$6+$8+$10} END {print n+0}')
-        p50=$(echo "$out" | awk '$1=="50%" {print $2}')
-        p99=$(echo "$out" | awk '$1=="99%" {print $2}')
-        ;;
-    esac
-    after=$(ticks "${pids[@]}")
-    cpu=$(awk -v d=$((after - before)) -v hz="$HZ" -v n="$reqs" 'BEGIN {printf "%.1f", n ? d / hz / n * 1e6 : 0}')
-    RESULTS+=("$load|$name|$rps|$p50|$p99|$errs|$cpu|$(peak_rss_kb "${pids[@]}")")
-    sleep 1
-  done
+# One load against one proxy; appends "load|proxy|rps|p50|p99|errors|cpu|rss" to RESULTS.
+run_one() { # load name port pids...
+  local load=$1 name=$2 port=$3; shift 3
+  local pids=("$@") out before after reqs rps p50 p99 errs cpu
+  before=$(ticks "${pids[@]}")
+  case $load in
+    h2)
+      out=$(h2load -t 1 -c 50 -m 10 -D "$DUR" --connect-to=127.0.0.1:$port \
+        --log-file="$WORK/h2.log" "https://webmail.example.net:$port/" 2>&1)
+      reqs=$(echo "$out" | awk '/^requests:/ {print $8}')
+      rps=$(echo "$out" | awk '/^finished in/ {gsub(",",""); print $4}')
+      errs=$(echo "$out" | awk '/^requests:/ {print $10 + $12}')
+      # Per-request durations (µs, third column) -> p50/p99 in ms.
+      read -r p50 p99 < <(awk '{print $3}' "$WORK/h2.log" | sort -n | awk '{a[NR]=$1} END {printf "%.2fms %.2fms\n", a[int(NR*0.5)]/1000, a[int(NR*0.99)]/1000}')
+      ;;
+    h1|new)
+      local hdr=()
+      [ "$load" = new ] && hdr=(-H "Connection: close")
+      out=$(wrk -t 1 -c 50 -d "${DUR}s" --latency "${hdr[@]}" "https://webmail.example.net:$port/" 2>&1)
+      reqs=$(echo "$out" | awk '/requests in/ {print $1}')
+      rps=$(echo "$out" | awk '/^Requests\/sec/ {print $2}')
+      errs=$(echo "$out" | awk '/Non-2xx/ {n+=$5} /Socket errors/ {gsub(",",""); n+=$4+$6+$8+$10} END {print n+0}')
+      p50=$(echo "$out" | awk '$1=="50%" {print $2}')
+      p99=$(echo "$out" | awk '$1=="99%" {print $2}')
+      ;;
+  esac
+  after=$(ticks "${pids[@]}")
+  cpu=$(awk -v d=$((after - before)) -v hz="$HZ" -v n="$reqs" 'BEGIN {printf "%.1f", n ? d / hz / n * 1e6 : 0}')
+  RESULTS+=("$load|$name|$rps|$p50|$p99|$errs|$cpu|$(peak_rss_kb "${pids[@]}")")
+  sleep 1
 }
 
-run_load logon-gate $GATE_PORT $GATE_PID
-run_load nginx $NGINX_PORT $(family $NGINX_PID)
-run_load haproxy $HAPROXY_PORT $HAPROXY_PID
+# The machine drifts over minutes, so the proxies take turns within each round and the
+# reported row is each one's median round (by req/s).
+ROUNDS=${ROUNDS:-3}
+NGINX_PIDS=$(family $NGINX_PID)
+for load in h2 h1 new; do
+  for _ in $(seq 1 "$ROUNDS"); do
+    run_one $load logon-gate $GATE_PORT $GATE_PID
+    run_one $load nginx $NGINX_PORT $NGINX_PIDS
+    run_one $load haproxy $HAPROXY_PORT $HAPROXY_PID
+  done
+done
+median() { # load name -> the median result line
+  printf '%s\n' "${RESULTS[@]}" | awk -F'|' -v l="$1" -v n="$2" '$1==l && $2==n' | sort -t'|' -k3 -g | awk -v r="$ROUNDS" 'NR==int((r+1)/2)'
+}
 
 # ---- memory with 10,000 idle keep-alive TLS connections (logon-gate and nginx)
 IDLE_N=${IDLE_N:-10000}
@@ -288,16 +298,18 @@ sleep 2
 IDLE_NGINX=$(idle_rss $NGINX_PORT $(family $NGINX_PID))
 
 echo
-echo "Load comparison, $(date -u +%F), $(nproc) cores, ${DUR}s per run (1 generator thread, 50 connections)"
+echo "Load comparison, $(date -u +%F), $(nproc) cores, ${DUR}s per run, median of $ROUNDS rounds (1 generator thread, 50 connections)"
 printf '%-5s %-11s %10s %9s %9s %7s %12s %10s %9s\n' load proxy "req/s" p50 p99 errors "cpu µs/req" "peak RSS" "vs nginx"
 for load in h2 h1 new; do
-  nginx_rps=$(printf '%s\n' "${RESULTS[@]}" | awk -F'|' -v l=$load '$1==l && $2=="nginx" {print $3}')
-  for r in "${RESULTS[@]}"; do
-    IFS='|' read -r l name rps p50 p99 errs cpu rss <<< "$r"
-    [ "$l" = "$load" ] || continue
+  nginx_rps=$(median $load nginx | cut -d'|' -f3)
+  for name in logon-gate nginx haproxy; do
+    IFS='|' read -r l n rps p50 p99 errs cpu rss <<< "$(median $load $name)"
     ratio=$(awk -v a="$rps" -v b="$nginx_rps" 'BEGIN {printf "%.2fx", b ? a / b : 0}')
-    printf '%-5s %-11s %10.0f %9s %9s %7s %12s %8d MB %9s\n' "$l" "$name" "$rps" "$p50" "$p99" "$errs" "$cpu" $((rss / 1024)) "$ratio"
+    printf '%-5s %-11s %10.0f %9s %9s %7s %12s %8d MB %9s\n' "$l" "$n" "$rps" "$p50" "$p99" "$errs" "$cpu" $((rss / 1024)) "$ratio"
   done
 done
+echo
+echo "All rounds (load|proxy|req/s|p50|p99|errors|cpu µs/req|peak RSS kB):"
+printf '  %s\n' "${RESULTS[@]}"
 echo
 echo "RSS with $IDLE_N idle keep-alive TLS connections: logon-gate: $IDLE_GATE; nginx: $IDLE_NGINX"
