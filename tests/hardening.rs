@@ -194,11 +194,14 @@ async fn content_length_with_transfer_encoding_smuggles_nothing() {
     gw.wait().await.expect("gateway task");
 }
 
-#[tokio::test]
-async fn http2_rapid_reset_is_cut_off() {
-    let backend = Backend::start().await;
-    let f = Fixture::new(&backend.url(), "");
-    let gw = f.start().await;
+/// A raw h2 client (the only kind that can send RST_STREAM at will) and its connection task.
+async fn raw_h2(
+    gw: &logon_gate::server::Running,
+    f: &Fixture,
+) -> (
+    h2::client::SendRequest<Bytes>,
+    tokio::task::JoinHandle<Result<(), h2::Error>>,
+) {
     let tls = tls_connect(
         gw.https.expect("https"),
         client_config(&f.pki.ca_der(), &[b"h2"], true),
@@ -206,8 +209,16 @@ async fn http2_rapid_reset_is_cut_off() {
     )
     .await
     .expect("tls");
-    let (mut client, conn) = h2::client::handshake(tls).await.expect("h2 handshake");
-    let conn = tokio::spawn(conn);
+    let (client, conn) = h2::client::handshake(tls).await.expect("h2 handshake");
+    (client, tokio::spawn(conn))
+}
+
+#[tokio::test]
+async fn http2_rapid_reset_is_cut_off() {
+    let backend = Backend::start().await;
+    let f = Fixture::new(&backend.url(), "");
+    let gw = f.start().await;
+    let (mut client, conn) = raw_h2(&gw, &f).await;
     let mut sent = 0;
     let started = Instant::now();
     while sent < 20_000 && started.elapsed() < Duration::from_secs(10) {
@@ -245,15 +256,7 @@ async fn http2_streams_abandoned_in_flight_are_cut_off() {
     let backend = Backend::start().await;
     let f = Fixture::new(&backend.url(), "");
     let gw = f.start().await;
-    let tls = tls_connect(
-        gw.https.expect("https"),
-        client_config(&f.pki.ca_der(), &[b"h2"], true),
-        "webmail.example.net",
-    )
-    .await
-    .expect("tls");
-    let (mut client, conn) = h2::client::handshake(tls).await.expect("h2 handshake");
-    let conn = tokio::spawn(conn);
+    let (mut client, conn) = raw_h2(&gw, &f).await;
     let mut abandoned = 0;
     while abandoned < 300 {
         let Ok(ready) = client.clone().ready().await else {
