@@ -43,6 +43,15 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+/// The folder of gateway.toml: where the operator CLI takes its lock and what the reloader
+/// watches (`.` for a bare file name).
+pub fn config_dir(gateway_toml: &Path) -> PathBuf {
+    match gateway_toml.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
 /// A config file's text, kept so errors can be turned from byte spans into line numbers.
 #[derive(Debug, Clone)]
 pub struct Source {

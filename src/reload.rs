@@ -123,17 +123,7 @@ pub fn reload_now(gw: &Gateway) -> Result<u64, Vec<ConfigError>> {
 fn folders(gw: &Gateway) -> BTreeSet<PathBuf> {
     let snap = gw.live.load();
     let s = &snap.table.settings;
-    let own = gw
-        .config_path
-        .parent()
-        .map(|p| {
-            if p.as_os_str().is_empty() {
-                PathBuf::from(".")
-            } else {
-                p.to_path_buf()
-            }
-        })
-        .unwrap_or_else(|| PathBuf::from("."));
+    let own = crate::config::config_dir(&gw.config_path);
     [own, s.tenants_dir.clone(), s.certs_dir.clone()]
         .into_iter()
         .collect()

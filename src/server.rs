@@ -117,6 +117,12 @@ impl Running {
         let _ = self.stop.send(true);
     }
 
+    /// Stops the gateway and waits for it, as [`Running::shutdown`] then [`Running::wait`].
+    pub async fn stop(self) -> Result<(), tokio::task::JoinError> {
+        self.shutdown();
+        self.wait().await
+    }
+
     /// Waits until the gateway has stopped; a panic in its task is returned as an error.
     pub async fn wait(self) -> Result<(), tokio::task::JoinError> {
         self.task.await

@@ -124,6 +124,5 @@ async fn health_metrics_and_status() {
         Some(1.0),
         "{m}"
     );
-    gw.shutdown();
-    gw.wait().await.expect("gateway task");
+    gw.stop().await.expect("gateway task");
 }

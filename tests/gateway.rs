@@ -53,8 +53,7 @@ async fn certificate_is_chosen_per_sni() {
         "{err}"
     );
     assert_eq!(backend.hits(), 0);
-    gw.shutdown();
-    gw.wait().await.expect("gateway task");
+    gw.stop().await.expect("gateway task");
 }
 
 async fn policy_rows(h2: bool) {
@@ -130,8 +129,7 @@ async fn policy_rows(h2: bool) {
         .expect("request");
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
     assert_eq!(backend.hits(), 4, "refusals must not reach the backend");
-    gw.shutdown();
-    gw.wait().await.expect("gateway task");
+    gw.stop().await.expect("gateway task");
 }
 
 #[tokio::test]
@@ -177,8 +175,7 @@ async fn malformed_hosts_are_400_and_never_forwarded() {
         .expect("request");
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
     assert_eq!(backend.hits(), 0);
-    gw.shutdown();
-    gw.wait().await.expect("gateway task");
+    gw.stop().await.expect("gateway task");
 }
 
 async fn forwarded_headers(h2: bool) {
@@ -247,8 +244,7 @@ async fn forwarded_headers(h2: bool) {
         .await
         .expect("request");
     assert!(seen_headers(&r.json(), "x-logon-tenant").is_empty());
-    gw.shutdown();
-    gw.wait().await.expect("gateway task");
+    gw.stop().await.expect("gateway task");
 }
 
 #[tokio::test]
@@ -285,8 +281,7 @@ async fn websocket_passes_through() {
         assert_eq!(got.into_text().expect("text").as_str(), text);
     }
     ws.close(None).await.expect("close");
-    gw.shutdown();
-    gw.wait().await.expect("gateway task");
+    gw.stop().await.expect("gateway task");
 }
 
 async fn big_bodies(h2: bool) {
@@ -321,8 +316,7 @@ async fn big_bodies(h2: bool) {
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.body.len(), size);
     assert!(r.body == pattern(size), "downloaded body altered");
-    gw.shutdown();
-    gw.wait().await.expect("gateway task");
+    gw.stop().await.expect("gateway task");
 }
 
 #[tokio::test]
@@ -354,8 +348,7 @@ async fn backend_unreachable_is_502_and_slow_is_504() {
     let r = c.get("webmail.example.net", "/").await;
     assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", r.text());
     assert!(r.text().contains("unreachable"), "{}", r.text());
-    gw.shutdown();
-    gw.wait().await.expect("gateway task");
+    gw.stop().await.expect("gateway task");
 
     let backend = Backend::start().await;
     let f = Fixture::new(&backend.url(), "");
@@ -376,8 +369,7 @@ async fn backend_unreachable_is_502_and_slow_is_504() {
     // A fast request on the same connection is still served.
     let r = c.get("webmail.example.net", "/slow?ms=10").await;
     assert_eq!(r.status, StatusCode::OK);
-    gw.shutdown();
-    gw.wait().await.expect("gateway task");
+    gw.stop().await.expect("gateway task");
 }
 
 #[tokio::test]
@@ -425,6 +417,5 @@ async fn backend_connections_are_pooled_and_closed_ones_replaced() {
             StatusCode::OK
         );
     }
-    gw.shutdown();
-    gw.wait().await.expect("gateway task");
+    gw.stop().await.expect("gateway task");
 }

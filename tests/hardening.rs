@@ -71,8 +71,7 @@ async fn slowloris_is_cut_off_while_others_are_served() {
         cut >= Duration::from_millis(900) && cut < Duration::from_secs(4),
         "cut after {cut:?}"
     );
-    gw.shutdown();
-    gw.wait().await.expect("gateway task");
+    gw.stop().await.expect("gateway task");
 }
 
 #[tokio::test]
@@ -116,8 +115,7 @@ async fn connections_over_the_cap_are_closed_at_once() {
         b.get("webmail.example.org", "/").await.status,
         StatusCode::OK
     );
-    gw.shutdown();
-    gw.wait().await.expect("gateway task");
+    gw.stop().await.expect("gateway task");
 }
 
 #[tokio::test]
@@ -138,8 +136,7 @@ async fn oversized_headers_get_431() {
     let text = String::from_utf8_lossy(&got);
     assert!(text.starts_with("HTTP/1.1 431"), "{text}");
     assert_eq!(backend.hits(), 0);
-    gw.shutdown();
-    gw.wait().await.expect("gateway task");
+    gw.stop().await.expect("gateway task");
 }
 
 #[tokio::test]
@@ -164,8 +161,7 @@ async fn conflicting_lengths_are_refused_and_not_forwarded() {
         0,
         "a conflicting length reached the backend"
     );
-    gw.shutdown();
-    gw.wait().await.expect("gateway task");
+    gw.stop().await.expect("gateway task");
 }
 
 /// Content-Length with Transfer-Encoding: hyper drops the Content-Length before the gateway
@@ -190,8 +186,7 @@ async fn content_length_with_transfer_encoding_smuggles_nothing() {
         backend.hits() <= 1,
         "the smuggled request reached the backend"
     );
-    gw.shutdown();
-    gw.wait().await.expect("gateway task");
+    gw.stop().await.expect("gateway task");
 }
 
 /// A raw h2 client (the only kind that can send RST_STREAM at will) and its connection task.
@@ -244,8 +239,7 @@ async fn http2_rapid_reset_is_cut_off() {
         "the gateway accepted {sent} opened-and-reset streams"
     );
     assert!(ended.is_ok(), "connection still open after {sent} resets");
-    gw.shutdown();
-    gw.wait().await.expect("gateway task");
+    gw.stop().await.expect("gateway task");
 }
 
 /// The slower variant: each stream is reset only once the gateway is working on it (its
@@ -291,8 +285,7 @@ async fn http2_streams_abandoned_in_flight_are_cut_off() {
         (100..=110).contains(&abandoned),
         "cut off after {abandoned} abandoned requests"
     );
-    gw.shutdown();
-    gw.wait().await.expect("gateway task");
+    gw.stop().await.expect("gateway task");
 }
 
 /// A hand-built ClientHello (no rustls client can speak TLS 1.1 or offer CBC-only suites).
@@ -364,8 +357,7 @@ async fn old_tls_and_non_aead_suites_are_never_negotiated() {
     assert_eq!(first[0], 0x16);
     // The handshake left half-done above must not hold the shutdown up.
     let t = Instant::now();
-    gw.shutdown();
-    gw.wait().await.expect("gateway task");
+    gw.stop().await.expect("gateway task");
     assert!(
         t.elapsed() < Duration::from_secs(2),
         "shutdown waited {:?}",

@@ -628,6 +628,5 @@ async fn seed_walkthrough_ends_served_over_https() {
         c.get("webmail.win.example.info", "/").await.status,
         StatusCode::FORBIDDEN
     );
-    gw.shutdown();
-    gw.wait().await.expect("gateway task");
+    gw.stop().await.expect("gateway task");
 }

@@ -74,8 +74,7 @@ async fn in_place_and_editor_writes_are_picked_up() {
         "temp + rename"
     );
     assert!(last_ok(&gw));
-    gw.shutdown();
-    gw.wait().await.expect("gateway task");
+    gw.stop().await.expect("gateway task");
 }
 
 #[tokio::test]
@@ -136,8 +135,7 @@ async fn new_and_deleted_files_are_picked_up() {
         becomes(&gw, "webmail.example.info", StatusCode::MISDIRECTED_REQUEST).await,
         "deleted tenant"
     );
-    gw.shutdown();
-    gw.wait().await.expect("gateway task");
+    gw.stop().await.expect("gateway task");
 }
 
 #[cfg(unix)]
@@ -184,8 +182,7 @@ async fn kubernetes_configmap_symlink_swap_is_picked_up() {
         becomes(&gw, "webmail.example.org", StatusCode::FORBIDDEN).await,
         "..data swap"
     );
-    gw.shutdown();
-    gw.wait().await.expect("gateway task");
+    gw.stop().await.expect("gateway task");
 }
 
 #[tokio::test]
@@ -226,8 +223,7 @@ async fn invalid_edit_keeps_the_old_table_until_fixed() {
     assert!(becomes(&gw, "webmail.example.org", StatusCode::FORBIDDEN).await);
     assert!(generation(&gw) > g0);
     assert!(last_ok(&gw));
-    gw.shutdown();
-    gw.wait().await.expect("gateway task");
+    gw.stop().await.expect("gateway task");
 }
 
 #[tokio::test]
@@ -247,8 +243,7 @@ async fn backend_change_in_gateway_toml_applies_live() {
     })
     .await;
     assert!(moved, "backend change not applied");
-    gw.shutdown();
-    gw.wait().await.expect("gateway task");
+    gw.stop().await.expect("gateway task");
 }
 
 #[tokio::test]
@@ -293,8 +288,7 @@ async fn certificate_rotation_under_an_open_connection() {
             StatusCode::OK
         );
     }
-    gw.shutdown();
-    gw.wait().await.expect("gateway task");
+    gw.stop().await.expect("gateway task");
 }
 
 /// Sends requests back to back on one connection until `stop`; counts successes and failures.
@@ -401,6 +395,5 @@ async fn fifty_reloads_drop_nothing() {
             .as_str(),
         "after"
     );
-    gw.shutdown();
-    gw.wait().await.expect("gateway task");
+    gw.stop().await.expect("gateway task");
 }

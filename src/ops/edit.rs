@@ -21,17 +21,9 @@ pub struct ConfigLock {
     _file: File,
 }
 
-/// The folder of gateway.toml.
-pub fn config_dir(config: &Path) -> PathBuf {
-    match config.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    }
-}
-
 /// Takes the exclusive lock of the configuration at `config` (waiting for other operators).
 pub fn lock(config: &Path) -> Result<ConfigLock, OpError> {
-    let path = config_dir(config).join(LOCK_FILE);
+    let path = crate::config::config_dir(config).join(LOCK_FILE);
     let file = OpenOptions::new()
         .create(true)
         .truncate(false)
