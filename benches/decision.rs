@@ -134,11 +134,26 @@ fn bench(c: &mut Criterion) {
     }
 }
 
+/// The HTTP/1.1 framing watch (`framing`), per request, on the head wrk sends in the load
+/// benchmark and on a browser-sized one: what answering CL+TE with 400 costs.
+fn framing(c: &mut Criterion) {
+    let wrk = b"GET / HTTP/1.1\r\nHost: webmail.example.net:8443\r\n\r\n".to_vec();
+    let browser = b"GET /owa/?ae=Folder&t=IPF.Note HTTP/1.1\r\nHost: webmail.example.net\r\nUser-Agent: Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0\r\nAccept: text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8\r\nAccept-Language: en-US,en;q=0.5\r\nAccept-Encoding: gzip, deflate, br\r\nCookie: session=0123456789abcdef0123456789abcdef; lang=en\r\nUpgrade-Insecure-Requests: 1\r\nSec-Fetch-Dest: document\r\n\r\n".to_vec();
+    let mut g = c.benchmark_group("framing");
+    for (name, head) in [("wrk", wrk), ("browser", browser)] {
+        g.bench_function(name, |b| {
+            let mut f = logon_gate::framing::Framing::new(8192);
+            b.iter(|| black_box(f.feed(black_box(&head))))
+        });
+    }
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
         .warm_up_time(std::time::Duration::from_millis(500))
         .measurement_time(std::time::Duration::from_secs(2));
-    targets = bench
+    targets = bench, framing
 }
 criterion_main!(benches);

@@ -38,6 +38,8 @@ pub struct Conn {
     answered: AtomicU32,
     /// Signalled when this connection looks like an HTTP/2 "rapid reset" flood.
     pub abuse: tokio::sync::Notify,
+    /// Which HTTP/1.1 request, if any, carried both Content-Length and Transfer-Encoding.
+    pub framing: Arc<crate::framing::Verdicts>,
     /// Proxy-header parts that depend only on the peer, built once.
     peer_ip: HeaderValue,
     forwarded_for: Box<str>,
@@ -61,6 +63,7 @@ impl Conn {
             tls,
             peer_ip,
             forwarded_for,
+            framing: Arc::default(),
             cancelled: AtomicU32::new(0),
             answered: AtomicU32::new(0),
             abuse: tokio::sync::Notify::new(),
@@ -88,7 +91,8 @@ impl Drop for CancelGuard<'_> {
 }
 
 /// A request with both Content-Length and Transfer-Encoding, or disagreeing Content-Lengths:
-/// the shapes of request smuggling (RFC 9112 §6.3), refused rather than repaired.
+/// the shapes of request smuggling (RFC 9112 §6.3), refused rather than repaired. Over
+/// HTTP/1.1 hyper has already removed such a Content-Length; `framing` catches that case.
 fn smuggling_shape(req: &Request<Incoming>) -> bool {
     let h = req.headers();
     if !h.contains_key(header::CONTENT_LENGTH) {
@@ -124,6 +128,9 @@ async fn handle_inner(conn: &Conn, req: Request<Incoming>) -> Response<Body> {
     let mut buf: HostBuf = [0; host::MAX_HOST_LEN + 2];
     let tls = conn.tls.as_ref().map(|(sni, cert)| TlsFacts { sni, cert });
     let decision = match &authority {
+        _ if req.version() <= http::Version::HTTP_11 && conn.framing.next_is_ambiguous() => {
+            Decision::BadFraming
+        }
         _ if smuggling_shape(&req) => Decision::BadFraming,
         Ok(a) => policy::decide(
             &snapshot.table,

@@ -16,6 +16,7 @@ pub mod certs;
 pub mod config;
 pub mod demo;
 pub mod forward;
+pub mod framing;
 pub mod handler;
 pub mod host;
 pub mod logfmt;

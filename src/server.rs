@@ -306,7 +306,8 @@ async fn accept_loop(
                 serve_tls(tcp, peer, gw.clone(), watcher, &mut stop).await;
             } else {
                 let conn = Arc::new(Conn::new(gw.clone(), peer, None));
-                serve_http(TokioIo::new(tcp), conn, None, watcher).await;
+                let io = watched(tcp, &conn);
+                serve_http(TokioIo::new(io), conn, None, watcher).await;
             }
             open.dec();
         });
@@ -351,7 +352,24 @@ async fn serve_tls(
     };
     let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
     let conn = Arc::new(Conn::new(gw.clone(), peer, Some((sni, cert))));
-    serve_http(TokioIo::new(stream), conn, Some(h2), watcher).await;
+    if h2 {
+        serve_http(TokioIo::new(stream), conn, Some(true), watcher).await;
+    } else {
+        let io = watched(stream, &conn);
+        serve_http(TokioIo::new(io), conn, Some(false), watcher).await;
+    }
+}
+
+/// An HTTP/1.1 stream with its request framing followed (see `framing`), heads capped where
+/// hyper caps them.
+fn watched<S>(io: S, conn: &Conn) -> crate::framing::Watched<S> {
+    let limits = conn.gateway.snapshot().table.settings.limits;
+    crate::framing::Watched::new(io, h1_max_buf(&limits), conn.framing.clone())
+}
+
+/// hyper's HTTP/1.1 read buffer cap, which is also the largest head it accepts.
+fn h1_max_buf(limits: &Limits) -> usize {
+    limits.max_request_header_bytes.max(8192)
 }
 
 /// Serves HTTP on one connection. `h2`: `Some` when ALPN decided the protocol, `None` on plain
@@ -387,7 +405,7 @@ fn configure(builder: &mut auto::Builder<TokioExecutor>, limits: &Limits) {
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
-        .max_buf_size(limits.max_request_header_bytes.max(8192))
+        .max_buf_size(h1_max_buf(limits))
         .keep_alive(true);
     builder
         .http2()

@@ -10,13 +10,13 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::StatusCode;
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const BIN: &str = env!("CARGO_BIN_EXE_logon-gate");
 
 /// Reads until EOF (or `limit`); returns what arrived and whether EOF was seen.
-async fn read_to_close(s: &mut TcpStream, limit: Duration) -> (Vec<u8>, bool) {
+async fn read_to_close<S: AsyncRead + Unpin>(s: &mut S, limit: Duration) -> (Vec<u8>, bool) {
     let mut got = Vec::new();
     let mut buf = [0u8; 4096];
     let deadline = tokio::time::Instant::now() + limit;
@@ -164,28 +164,89 @@ async fn conflicting_lengths_are_refused_and_not_forwarded() {
     gw.stop().await.expect("gateway task");
 }
 
-/// Content-Length with Transfer-Encoding: hyper drops the Content-Length before the gateway
-/// sees the request (RFC 9112 §6.3), so it cannot answer 400 as the issue asks; what it does
-/// guarantee is that the body is read as chunked and the connection closes after one answer,
-/// so nothing can be smuggled behind it.
+/// Content-Length with Transfer-Encoding, in either order, first on its connection or
+/// pipelined behind requests with fixed-length and chunked bodies, over plain HTTP and TLS: the
+/// ambiguous request gets 400 and never reaches the backend, and the ones before it are served.
 #[tokio::test]
-async fn content_length_with_transfer_encoding_smuggles_nothing() {
+async fn content_length_with_transfer_encoding_is_refused_and_not_forwarded() {
     let backend = Backend::start().await;
     let f = Fixture::new(&backend.url(), "");
     let gw = f.start().await;
-    let mut s = TcpStream::connect(gw.http.expect("http"))
-        .await
-        .expect("connect");
-    let raw = "POST /echo HTTP/1.1\r\nHost: webmail.example.org\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: webmail.example.org\r\n\r\n";
-    let _ = s.write_all(raw.as_bytes()).await;
-    let (got, closed) = read_to_close(&mut s, Duration::from_secs(3)).await;
-    let text = String::from_utf8_lossy(&got);
-    assert!(closed, "connection kept open after an ambiguous request");
-    assert_eq!(text.matches("HTTP/1.1 ").count(), 1, "{text}");
-    assert!(
-        backend.hits() <= 1,
-        "the smuggled request reached the backend"
+    let http = gw.http.expect("http");
+    let https = gw.https.expect("https");
+    let cl_te = "POST /echo HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: {HOST}\r\n\r\n";
+    let te_cl = "POST /echo HTTP/1.1\r\nHost: {HOST}\r\ntransfer-encoding: chunked\r\ncontent-length: 40\r\n\r\n0\r\n\r\n";
+    // Bodies that themselves look like an ambiguous head must not be taken for one.
+    let decoy = "GET /decoy HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n";
+    let fixed = format!(
+        "POST /echo HTTP/1.1\r\nHost: {{HOST}}\r\nContent-Length: {}\r\n\r\n{decoy}",
+        decoy.len()
     );
+    let chunked = format!(
+        "POST /echo HTTP/1.1\r\nHost: {{HOST}}\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{decoy}\r\n0\r\n\r\n",
+        decoy.len()
+    );
+    // (bytes, answers expected before the 400)
+    let cases = [
+        (cl_te.to_string(), 0),
+        (te_cl.to_string(), 0),
+        (format!("{fixed}{chunked}{cl_te}"), 2),
+    ];
+    let ca = f.pki.ca_der();
+    for (raw, served_before) in &cases {
+        for tls in [false, true] {
+            // Plain HTTP serves example.org (no certificate); example.net is redirected there.
+            let host = if tls {
+                "webmail.example.net"
+            } else {
+                "webmail.example.org"
+            };
+            let raw = raw.replace("{HOST}", host);
+            let before = backend.hits();
+            let got = if tls {
+                let cfg = client_config(&ca, &[b"http/1.1"], true);
+                let mut s = tls_connect(https, cfg, "webmail.example.net")
+                    .await
+                    .expect("tls");
+                let _ = s.write_all(raw.as_bytes()).await;
+                read_to_close(&mut s, Duration::from_secs(3)).await
+            } else {
+                let mut s = TcpStream::connect(http).await.expect("connect");
+                let _ = s.write_all(raw.as_bytes()).await;
+                read_to_close(&mut s, Duration::from_secs(3)).await
+            };
+            let (got, closed) = got;
+            let text = String::from_utf8_lossy(&got);
+            let statuses: Vec<&str> = text
+                .match_indices("HTTP/1.1 ")
+                .map(|(i, _)| &text[i + 9..i + 12])
+                .collect();
+            let mut want = vec!["200"; *served_before];
+            want.push("400");
+            assert_eq!(statuses, want, "tls={tls} {raw:?}: {text}");
+            assert!(
+                closed,
+                "tls={tls}: connection kept open after an ambiguous request"
+            );
+            assert_eq!(
+                backend.hits() - before,
+                *served_before,
+                "tls={tls}: the ambiguous request (or one behind it) reached the backend: {raw:?}"
+            );
+            assert!(
+                text.contains("both Content-Length and Transfer-Encoding"),
+                "{text}"
+            );
+        }
+    }
+    // A plain chunked request with trailers on a kept-alive connection is not refused.
+    let mut s = TcpStream::connect(http).await.expect("connect");
+    let ok = format!("{chunked}GET / HTTP/1.1\r\nHost: {{HOST}}\r\nConnection: close\r\n\r\n")
+        .replace("{HOST}", "webmail.example.org");
+    let _ = s.write_all(ok.as_bytes()).await;
+    let (got, _) = read_to_close(&mut s, Duration::from_secs(3)).await;
+    let text = String::from_utf8_lossy(&got);
+    assert_eq!(text.matches("HTTP/1.1 200").count(), 2, "{text}");
     gw.stop().await.expect("gateway task");
 }
 
