@@ -64,15 +64,23 @@ pub struct Logged<B> {
     inner: B,
     record: Option<Box<Record>>,
     bytes_out: u64,
+    /// Told when this response is done with (HTTP/1.1: the connection may then idle).
+    progress: Option<Arc<crate::framing::Progress>>,
 }
 
 impl<B> Logged<B> {
-    /// Wraps `inner`; the line (if any) is written when it ends or is dropped.
-    pub fn new(inner: B, record: Option<Box<Record>>) -> Self {
+    /// Wraps `inner`; the line (if any) is written when it ends or is dropped, and
+    /// `progress` told when it is dropped.
+    pub fn new(
+        inner: B,
+        record: Option<Box<Record>>,
+        progress: Option<Arc<crate::framing::Progress>>,
+    ) -> Self {
         Logged {
             inner,
             record,
             bytes_out: 0,
+            progress,
         }
     }
 
@@ -87,6 +95,9 @@ impl<B> Drop for Logged<B> {
     fn drop(&mut self) {
         // Dropped before its end: the client went away (nginx logs these as 499).
         self.finish(false);
+        if let Some(p) = &self.progress {
+            p.finish();
+        }
     }
 }
 

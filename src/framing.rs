@@ -11,43 +11,84 @@
 //! The watch only reports; it never changes bytes. If it loses the thread (bytes hyper would
 //! reject anyway, a head over the size limit, an upgraded connection's tunnel) it stops
 //! reporting for the rest of the connection.
+//!
+//! Knowing where a connection is between requests also gives HTTP/1.1 the two timeouts an
+//! nginx operator expects, which hyper's single header timer conflates (it starts when hyper
+//! begins waiting for a head, so it also closes idle keep-alive connections):
+//! `header_read_timeout` from the first byte of a head to its end (and for the first request,
+//! from the handshake), `keepalive_timeout` while the connection idles between requests.
 
+use std::future::Future;
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
 
 /// hyper's default cap on request header lines; a head with more is an error to both of us.
 const MAX_HEADERS: usize = 100;
 
 /// What the watch and the handler share for one connection: which request (1-based, in
-/// arrival order) had both framing headers, and how many requests the handler has begun.
+/// arrival order) had both framing headers, and how many requests the handler has begun and
+/// finished (response sent or abandoned).
 #[derive(Debug)]
-pub struct Verdicts {
+pub struct Progress {
     flagged: AtomicU64,
     begun: AtomicU64,
+    finished: AtomicU64,
+    /// The connection's reader, parked while a response is under way: woken when it is done
+    /// so the idle timer starts then, not at the next byte.
+    reader: Mutex<Option<Waker>>,
 }
 
-impl Default for Verdicts {
+impl Default for Progress {
     fn default() -> Self {
-        Verdicts {
+        Progress {
             flagged: AtomicU64::new(u64::MAX),
             begun: AtomicU64::new(0),
+            finished: AtomicU64::new(0),
+            reader: Mutex::new(None),
         }
     }
 }
 
-impl Verdicts {
+impl Progress {
     /// Called once per HTTP/1.x request as the handler starts it: true when this request's
     /// head carried both Content-Length and Transfer-Encoding. hyper serves a connection's
     /// requests one at a time in arrival order, so the handler's count matches the watch's.
-    pub fn next_is_ambiguous(&self) -> bool {
-        let n = self.begun.fetch_add(1, Ordering::Relaxed) + 1;
+    pub fn begin(&self) -> bool {
+        let n = self.begun.fetch_add(1, Ordering::AcqRel) + 1;
         n == self.flagged.load(Ordering::Acquire)
+    }
+
+    /// Called once per begun request when its response is done with (sent, or dropped).
+    pub fn finish(&self) {
+        self.finished.fetch_add(1, Ordering::AcqRel);
+        let reader = self.reader.lock().map(|mut r| r.take()).unwrap_or(None);
+        if let Some(w) = reader {
+            w.wake();
+        }
+    }
+
+    /// Parks the reader until the response under way is done.
+    fn wake_on_finish(&self, waker: &Waker) {
+        if let Ok(mut r) = self.reader.lock() {
+            match &mut *r {
+                Some(w) if w.will_wake(waker) => {}
+                slot => *slot = Some(waker.clone()),
+            }
+        }
+    }
+
+    /// Requests begun so far, and whether one is still being answered.
+    fn answering(&self) -> (u64, bool) {
+        let begun = self.begun.load(Ordering::Acquire);
+        (begun, self.finished.load(Ordering::Acquire) < begun)
     }
 }
 
@@ -173,6 +214,16 @@ impl Framing {
         None
     }
 
+    /// True while part of a head has arrived and its end has not.
+    fn head_in_progress(&self) -> bool {
+        self.state == State::Head && !self.head.is_empty()
+    }
+
+    /// True between messages: no head or body bytes are awaited mid-message.
+    fn between_messages(&self) -> bool {
+        self.state == State::Head && self.head.is_empty()
+    }
+
     fn keep_partial(&mut self, data: &[u8]) {
         if data.len() > self.max_head {
             self.off();
@@ -296,20 +347,91 @@ fn digits(v: &[u8]) -> Option<u64> {
     })
 }
 
-/// A client stream whose incoming bytes are followed by a [`Framing`]; writes pass through.
+/// The two HTTP/1.1 read timeouts (see the module doc).
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// From a head's first byte to its end; also from connect to the first request's head.
+    pub header: Duration,
+    /// Idle between a response and the next request's first byte.
+    pub keepalive: Duration,
+}
+
+/// Which timeout the armed timer stands for, and for which head (heads completed before it):
+/// a wait that has not changed keeps its deadline however many bytes trickle in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wait {
+    Header(u64),
+    Idle(u64),
+}
+
+/// A client stream whose incoming bytes are followed by a [`Framing`], with the HTTP/1.1 read
+/// timeouts enforced on it; writes pass through.
 pub struct Watched<S> {
     inner: S,
     framing: Framing,
-    verdicts: Arc<Verdicts>,
+    progress: Arc<Progress>,
+    timeouts: Timeouts,
+    /// What the timer currently stands for; it is re-armed only when that changes.
+    armed: Option<Wait>,
+    /// Allocated at the first bounded wait, then reset in place.
+    timer: Option<Pin<Box<Sleep>>>,
 }
 
 impl<S> Watched<S> {
-    /// Watches `inner`, reporting into `verdicts`.
-    pub fn new(inner: S, max_head: usize, verdicts: Arc<Verdicts>) -> Self {
+    /// Watches `inner`, reporting into `progress`.
+    pub fn new(inner: S, max_head: usize, progress: Arc<Progress>, timeouts: Timeouts) -> Self {
         Watched {
             inner,
             framing: Framing::new(max_head),
-            verdicts,
+            progress,
+            timeouts,
+            timer: None,
+            armed: None,
+        }
+    }
+
+    /// What the connection is waiting for, when that wait is bounded.
+    fn wait(&self) -> Option<Wait> {
+        let heads = self.framing.heads;
+        if self.framing.head_in_progress() {
+            return Some(Wait::Header(heads));
+        }
+        if !self.framing.between_messages() {
+            // Mid-body, or the watch stopped (an upgraded tunnel, or hyper is closing).
+            return None;
+        }
+        match self.progress.answering() {
+            (_, true) => None,
+            (0, false) => Some(Wait::Header(heads)),
+            (_, false) => Some(Wait::Idle(heads)),
+        }
+    }
+
+    /// Arms, keeps or disarms the timer for the current wait; true when it has run out.
+    fn timed_out(&mut self, cx: &mut Context<'_>) -> bool {
+        let mut wait = self.wait();
+        if wait.is_none() && self.framing.between_messages() {
+            // A response is under way. Ask to be woken when it is done, then look again so
+            // one that finished just now is not missed.
+            self.progress.wake_on_finish(cx.waker());
+            wait = self.wait();
+        }
+        if wait != self.armed {
+            self.armed = wait;
+            let limit = match wait {
+                None => return false,
+                Some(Wait::Header(_)) => self.timeouts.header,
+                Some(Wait::Idle(_)) => self.timeouts.keepalive,
+            };
+            let deadline = Instant::now() + limit;
+            match &mut self.timer {
+                Some(sleep) => sleep.as_mut().reset(deadline),
+                None => self.timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+            }
+        }
+        match (&mut self.timer, self.armed) {
+            (Some(sleep), Some(_)) => sleep.as_mut().poll(cx).is_ready(),
+            _ => false,
         }
     }
 }
@@ -322,14 +444,31 @@ impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let before = buf.filled().len();
-        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = r
-            && this.framing.state != State::Off
-            && let Some(n) = this.framing.feed(&buf.filled()[before..])
-        {
-            this.verdicts.flagged.store(n, Ordering::Release);
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                let new = &buf.filled()[before..];
+                if this.framing.state != State::Off
+                    && let Some(n) = this.framing.feed(new)
+                {
+                    this.progress.flagged.store(n, Ordering::Release);
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending => {
+                if this.timed_out(cx) {
+                    return Poll::Ready(match this.armed {
+                        // Idle past keepalive_timeout: end it as a clean close.
+                        Some(Wait::Idle(_)) => Ok(()),
+                        _ => Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "request head not received within header_read_timeout",
+                        )),
+                    });
+                }
+                Poll::Pending
+            }
+            other => other,
         }
-        r
     }
 }
 
@@ -438,10 +577,10 @@ mod tests {
 
     #[test]
     fn verdict_matches_the_request_it_was_raised_for() {
-        let v = Verdicts::default();
+        let v = Progress::default();
         v.flagged.store(2, Ordering::Release);
-        assert!(!v.next_is_ambiguous());
-        assert!(v.next_is_ambiguous());
-        assert!(!v.next_is_ambiguous());
+        assert!(!v.begin());
+        assert!(v.begin());
+        assert!(!v.begin());
     }
 }

@@ -38,8 +38,9 @@ pub struct Conn {
     answered: AtomicU32,
     /// Signalled when this connection looks like an HTTP/2 "rapid reset" flood.
     pub abuse: tokio::sync::Notify,
-    /// Which HTTP/1.1 request, if any, carried both Content-Length and Transfer-Encoding.
-    pub framing: Arc<crate::framing::Verdicts>,
+    /// HTTP/1.1 only: which request carried both Content-Length and Transfer-Encoding, and
+    /// whether one is being answered (for the idle timeout).
+    pub framing: Arc<crate::framing::Progress>,
     /// Proxy-header parts that depend only on the peer, built once.
     peer_ip: HeaderValue,
     forwarded_for: Box<str>,
@@ -123,14 +124,13 @@ pub async fn handle(conn: Arc<Conn>, req: Request<Incoming>) -> Result<Response<
 
 async fn handle_inner(conn: &Conn, req: Request<Incoming>) -> Response<Body> {
     let started = Instant::now();
+    let h1 = req.version() <= http::Version::HTTP_11;
     let snapshot = conn.gateway.live.load_full();
     let authority = authority_of(&req);
     let mut buf: HostBuf = [0; host::MAX_HOST_LEN + 2];
     let tls = conn.tls.as_ref().map(|(sni, cert)| TlsFacts { sni, cert });
     let decision = match &authority {
-        _ if req.version() <= http::Version::HTTP_11 && conn.framing.next_is_ambiguous() => {
-            Decision::BadFraming
-        }
+        _ if h1 && conn.framing.begin() => Decision::BadFraming,
         _ if smuggling_shape(&req) => Decision::BadFraming,
         Ok(a) => policy::decide(
             &snapshot.table,
@@ -206,7 +206,8 @@ async fn handle_inner(conn: &Conn, req: Request<Incoming>) -> Response<Body> {
             bytes_in,
         })
     });
-    resp.map(|b| Logged::new(b, record))
+    let done = h1.then(|| conn.framing.clone());
+    resp.map(|b| Logged::new(b, record, done))
 }
 
 /// The request's authority: `:authority`/absolute-form URI if present, else the one `Host`

@@ -360,11 +360,15 @@ async fn serve_tls(
     }
 }
 
-/// An HTTP/1.1 stream with its request framing followed (see `framing`), heads capped where
-/// hyper caps them.
+/// An HTTP/1.1 stream with its request framing followed and its read timeouts kept (see
+/// `framing`), heads capped where hyper caps them.
 fn watched<S>(io: S, conn: &Conn) -> crate::framing::Watched<S> {
     let limits = conn.gateway.snapshot().table.settings.limits;
-    crate::framing::Watched::new(io, h1_max_buf(&limits), conn.framing.clone())
+    let timeouts = crate::framing::Timeouts {
+        header: limits.header_read_timeout,
+        keepalive: limits.keepalive_timeout,
+    };
+    crate::framing::Watched::new(io, h1_max_buf(&limits), conn.framing.clone(), timeouts)
 }
 
 /// hyper's HTTP/1.1 read buffer cap, which is also the largest head it accepts.
@@ -404,7 +408,9 @@ fn configure(builder: &mut auto::Builder<TokioExecutor>, limits: &Limits) {
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
+        // Off: hyper's timer also runs while a connection idles between requests, so it would
+        // close keep-alive connections at the header timeout. `framing::Watched` keeps both.
+        .header_read_timeout(None)
         .max_buf_size(h1_max_buf(limits))
         .keep_alive(true);
     builder

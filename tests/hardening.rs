@@ -74,6 +74,69 @@ async fn slowloris_is_cut_off_while_others_are_served() {
     gw.stop().await.expect("gateway task");
 }
 
+/// HTTP/1.1 keep-alive: an idle connection outlives `header_read_timeout` and is closed at
+/// `keepalive_timeout`; a response slower than both is not cut; a connection that never sends
+/// a request is closed at `header_read_timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keepalive_idle_timeout_is_separate_from_the_header_timeout() {
+    let backend = Backend::start().await;
+    let f = Fixture::new(
+        &backend.url(),
+        "[limits]\nheader_read_timeout = \"1s\"\nkeepalive_timeout = \"3s\"\n",
+    );
+    let gw = f.start().await;
+    let http = gw.http.expect("http");
+    let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: webmail.example.org\r\n\r\n");
+
+    async fn one_answer(s: &mut TcpStream) -> String {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&got).contains("\r\n\r\n")
+            || !got.ends_with(b"done") && !got.ends_with(b"slow done")
+        {
+            match tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await {
+                Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
+                other => panic!("connection ended early: {other:?}: {got:?}"),
+            }
+        }
+        String::from_utf8_lossy(&got).into_owned()
+    }
+
+    // A response slower than both timeouts, then idle past the header timeout, then reused.
+    let mut s = TcpStream::connect(http).await.expect("connect");
+    s.write_all(get("/slow?ms=3500").as_bytes())
+        .await
+        .expect("write");
+    assert!(one_answer(&mut s).await.starts_with("HTTP/1.1 200"));
+    tokio::time::sleep(Duration::from_millis(1800)).await;
+    s.write_all(get("/slow?ms=0").as_bytes())
+        .await
+        .expect("write");
+    assert!(
+        one_answer(&mut s).await.starts_with("HTTP/1.1 200"),
+        "an idle keep-alive connection was closed at the header timeout"
+    );
+    let idle = Instant::now();
+    let (_, closed) = read_to_close(&mut s, Duration::from_secs(8)).await;
+    let after = idle.elapsed();
+    assert!(closed, "idle connection never closed");
+    assert!(
+        after >= Duration::from_millis(2700) && after < Duration::from_millis(5000),
+        "idle connection closed after {after:?}, keepalive_timeout is 3s"
+    );
+
+    // Connected but silent: the first request's head is due within header_read_timeout.
+    let mut silent = TcpStream::connect(http).await.expect("connect");
+    let start = Instant::now();
+    let (_, closed) = read_to_close(&mut silent, Duration::from_secs(5)).await;
+    let after = start.elapsed();
+    assert!(
+        closed && after >= Duration::from_millis(900) && after < Duration::from_millis(2500),
+        "silent connection: closed={closed} after {after:?}"
+    );
+    gw.stop().await.expect("gateway task");
+}
+
 #[tokio::test]
 async fn connections_over_the_cap_are_closed_at_once() {
     let backend = Backend::start().await;
