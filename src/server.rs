@@ -2,8 +2,10 @@
 //! and HTTP/2 served by hyper; a connection limit; graceful shutdown that lets in-flight
 //! requests finish within `shutdown_timeout`.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -295,7 +297,7 @@ async fn accept_loop(
         let gw = gw.clone();
         let watcher = graceful.watcher();
         let mut stop = stop.clone();
-        tokio::spawn(async move {
+        let task = async move {
             let _slot = slot;
             let label = crate::metrics::ListenerLabel {
                 listener: if https { "https" } else { "http" },
@@ -307,10 +309,11 @@ async fn accept_loop(
             } else {
                 let conn = Arc::new(Conn::new(gw.clone(), peer, None));
                 let io = watched(tcp, &conn);
-                serve_http(TokioIo::new(io), conn, None, watcher).await;
+                Box::pin(serve_http(TokioIo::new(io), conn, None, watcher)).await;
             }
             open.dec();
-        });
+        };
+        tokio::spawn(task);
     }
 }
 
@@ -321,6 +324,33 @@ async fn serve_tls(
     watcher: Watcher,
     stop: &mut watch::Receiver<bool>,
 ) {
+    // Each stage is boxed so the task holds only the stage under way: an idle connection then
+    // carries neither the 3.4 KB of handshake state nor a second copy of the TLS stream. The
+    // block ends the stream's storage before the serving await (a moved-from local would
+    // otherwise still take room in this future).
+    let served: Pin<Box<dyn Future<Output = ()> + Send>> = {
+        let Some((stream, sni, cert)) = Box::pin(handshake(tcp, peer, &gw, stop)).await else {
+            return;
+        };
+        let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+        let conn = Arc::new(Conn::new(gw, peer, Some((sni, cert))));
+        if h2 {
+            Box::pin(serve_http(TokioIo::new(stream), conn, Some(true), watcher))
+        } else {
+            let io = watched(stream, &conn);
+            Box::pin(serve_http(TokioIo::new(io), conn, Some(false), watcher))
+        }
+    };
+    served.await;
+}
+
+/// The TLS handshake under `tls_handshake_timeout`, counted by outcome.
+async fn handshake(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    gw: &Gateway,
+    stop: &mut watch::Receiver<bool>,
+) -> Option<crate::tls::Accepted> {
     let limits = gw.snapshot().table.settings.limits;
     let lookup = |sni: &str| gw.snapshot().table.cert_for(sni).cloned();
     let handshake = crate::tls::accept(tcp, &gw.tls, lookup);
@@ -328,7 +358,7 @@ async fn serve_tls(
         r = tokio::time::timeout(limits.tls_handshake_timeout, handshake) => r,
         // A shutdown abandons handshakes still under way: they carry no request yet and must
         // not hold the drain up until their timeout.
-        _ = stopped(stop) => return,
+        _ = stopped(stop) => return None,
     };
     let outcome = match &result {
         Err(_) => "timeout",
@@ -339,24 +369,16 @@ async fn serve_tls(
         .handshakes
         .get_or_create(&crate::metrics::ResultLabel { result: outcome })
         .inc();
-    let (stream, sni, cert) = match result {
+    match result {
         Err(_) => {
             tracing::debug!(%peer, "TLS handshake timed out");
-            return;
+            None
         }
         Ok(Err(e)) => {
             tracing::debug!(%peer, error = %e, "TLS handshake refused");
-            return;
+            None
         }
-        Ok(Ok(x)) => x,
-    };
-    let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
-    let conn = Arc::new(Conn::new(gw.clone(), peer, Some((sni, cert))));
-    if h2 {
-        serve_http(TokioIo::new(stream), conn, Some(true), watcher).await;
-    } else {
-        let io = watched(stream, &conn);
-        serve_http(TokioIo::new(io), conn, Some(false), watcher).await;
+        Ok(Ok(x)) => Some(x),
     }
 }
 

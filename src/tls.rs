@@ -67,6 +67,9 @@ impl ResolvesServerCert for Chosen {
     }
 }
 
+/// A finished handshake: the stream, the normalised SNI and the certificate presented.
+pub type Accepted<IO = tokio::net::TcpStream> = (TlsStream<IO>, Box<str>, Arc<CertEntry>);
+
 /// Runs the server side of a handshake on `io`. `lookup` maps a normalised SNI to its
 /// certificate (it reads the live table after the ClientHello has arrived). On success returns
 /// the stream, the normalised SNI and the certificate presented.
@@ -74,7 +77,7 @@ pub async fn accept<IO, F>(
     io: IO,
     base: &Arc<ServerConfig>,
     lookup: F,
-) -> Result<(TlsStream<IO>, Box<str>, Arc<CertEntry>), HandshakeError>
+) -> Result<Accepted<IO>, HandshakeError>
 where
     IO: AsyncRead + AsyncWrite + Unpin,
     F: FnOnce(&str) -> Option<Arc<CertEntry>>,
