@@ -22,7 +22,7 @@ use std::future::Future;
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -44,6 +44,16 @@ pub struct Progress {
     /// The connection's reader, parked while a response is under way: woken when it is done
     /// so the idle timer starts then, not at the next byte.
     reader: Mutex<Option<Waker>>,
+    /// Counts idle periods; `idle` says whether the latest is still going on (no byte since).
+    idle_epoch: AtomicU64,
+    idle: AtomicBool,
+    /// Told when an idle period begins (see `park`).
+    idle_began: tokio::sync::Notify,
+    /// Set while `park` takes the connection from hyper: shutdown must not close it then.
+    parking: AtomicBool,
+    /// Set when a response switched protocols: the stream is a tunnel from then on, with no
+    /// requests to frame and no HTTP timeouts.
+    tunnel: AtomicBool,
 }
 
 impl Default for Progress {
@@ -53,6 +63,11 @@ impl Default for Progress {
             begun: AtomicU64::new(0),
             finished: AtomicU64::new(0),
             reader: Mutex::new(None),
+            idle_epoch: AtomicU64::new(0),
+            idle: AtomicBool::new(false),
+            idle_began: tokio::sync::Notify::new(),
+            parking: AtomicBool::new(false),
+            tunnel: AtomicBool::new(false),
         }
     }
 }
@@ -85,10 +100,38 @@ impl Progress {
         }
     }
 
-    /// Requests begun so far, and whether one is still being answered.
-    fn answering(&self) -> (u64, bool) {
-        let begun = self.begun.load(Ordering::Acquire);
-        (begun, self.finished.load(Ordering::Acquire) < begun)
+    /// Waits until an idle period begins; returns its number.
+    pub async fn idle_began(&self) -> u64 {
+        self.idle_began.notified().await;
+        self.idle_epoch.load(Ordering::Acquire)
+    }
+
+    /// True while idle period `epoch` is still going on: no byte has arrived since it began.
+    pub fn still_idle(&self, epoch: u64) -> bool {
+        self.idle.load(Ordering::Acquire) && self.idle_epoch.load(Ordering::Acquire) == epoch
+    }
+
+    /// Marks the connection as switched to another protocol (a 101 answer).
+    pub fn set_tunnel(&self) {
+        self.tunnel.store(true, Ordering::Release);
+    }
+
+    /// Marks the connection as being taken from hyper (its shutdown then keeps the stream).
+    pub fn set_parking(&self, on: bool) {
+        self.parking.store(on, Ordering::Release);
+    }
+
+    fn idle_begins(&self) {
+        self.idle_epoch.fetch_add(1, Ordering::AcqRel);
+        self.idle.store(true, Ordering::Release);
+        self.idle_began.notify_one();
+    }
+
+    /// Whether a request is still being answered, out of `heads` that have arrived. Counted
+    /// from heads the watch has seen, not requests the handler has begun: hyper reads again
+    /// before it first polls the handler, and that gap is not idle time.
+    fn answering(&self, heads: u64) -> bool {
+        self.finished.load(Ordering::Acquire) < heads
     }
 }
 
@@ -390,9 +433,25 @@ impl<S> Watched<S> {
         }
     }
 
+    /// The wrapped stream.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// When the current idle period runs out (`keepalive_timeout` after it began).
+    pub fn idle_deadline(&self) -> Instant {
+        match (&self.timer, self.armed) {
+            (Some(sleep), Some(Wait::Idle(_))) => sleep.deadline(),
+            _ => Instant::now() + self.timeouts.keepalive,
+        }
+    }
+
     /// What the connection is waiting for, when that wait is bounded.
     fn wait(&self) -> Option<Wait> {
         let heads = self.framing.heads;
+        if self.progress.tunnel.load(Ordering::Acquire) {
+            return None;
+        }
         if self.framing.head_in_progress() {
             return Some(Wait::Header(heads));
         }
@@ -400,7 +459,7 @@ impl<S> Watched<S> {
             // Mid-body, or the watch stopped (an upgraded tunnel, or hyper is closing).
             return None;
         }
-        match self.progress.answering() {
+        match (heads, self.progress.answering(heads)) {
             (_, true) => None,
             (0, false) => Some(Wait::Header(heads)),
             (_, false) => Some(Wait::Idle(heads)),
@@ -421,7 +480,10 @@ impl<S> Watched<S> {
             let limit = match wait {
                 None => return false,
                 Some(Wait::Header(_)) => self.timeouts.header,
-                Some(Wait::Idle(_)) => self.timeouts.keepalive,
+                Some(Wait::Idle(_)) => {
+                    self.progress.idle_begins();
+                    self.timeouts.keepalive
+                }
             };
             let deadline = Instant::now() + limit;
             match &mut self.timer {
@@ -447,6 +509,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
                 let new = &buf.filled()[before..];
+                if !new.is_empty() {
+                    this.progress.idle.store(false, Ordering::Release);
+                }
                 if this.framing.state != State::Off
                     && let Some(n) = this.framing.feed(new)
                 {
@@ -498,7 +563,12 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+        let this = self.get_mut();
+        if this.progress.parking.load(Ordering::Acquire) {
+            // hyper is handing the connection back (see `park`), not closing it.
+            return Pin::new(&mut this.inner).poll_flush(cx);
+        }
+        Pin::new(&mut this.inner).poll_shutdown(cx)
     }
 }
 

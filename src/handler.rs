@@ -179,6 +179,9 @@ async fn handle_inner(conn: &Conn, req: Request<Incoming>) -> Response<Body> {
     };
 
     let status = resp.status().as_u16();
+    if h1 && status == 101 {
+        conn.framing.set_tunnel();
+    }
     let elapsed = started.elapsed();
     let m = &conn.gateway.metrics;
     m.request(decision.label(), status);

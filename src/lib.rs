@@ -22,6 +22,7 @@ pub mod host;
 pub mod logfmt;
 pub mod metrics;
 pub mod ops;
+pub mod park;
 pub mod pki;
 pub mod policy;
 pub mod pool;

@@ -243,6 +243,12 @@ fn init_tracing(level: Option<&str>, format: LogFormat) -> logfmt::FlushGuard {
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    // jemalloc returns freed pages to the system only while something allocates, unless its
+    // background threads do it: without them the buffers freed when connections go idle or
+    // close stay resident after a burst. Not fatal if unavailable.
+    if let Err(e) = tikv_jemalloc_ctl::background_thread::write(true) {
+        tracing::debug!(error = %e, "jemalloc background threads unavailable");
+    }
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

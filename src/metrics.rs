@@ -57,6 +57,8 @@ pub struct Metrics {
     pub requests: Family<RequestLabels, Counter>,
     pub duration: Histogram,
     pub connections: Family<ListenerLabel, Gauge>,
+    /// Idle HTTP/1.1 connections parked (holding no HTTP state, see `park`).
+    pub parked: Gauge,
     pub handshakes: Family<ResultLabel, Counter>,
     pub upstream_errors: Family<KindLabel, Counter>,
     pub reloads: Family<ResultLabel, Counter>,
@@ -94,6 +96,7 @@ impl Metrics {
             requests,
             duration: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             connections: Family::default(),
+            parked: Gauge::default(),
             handshakes: Family::default(),
             upstream_errors: Family::default(),
             reloads: Family::default(),
@@ -115,6 +118,11 @@ impl Metrics {
             "open_connections",
             "Open client connections by listener",
             m.connections.clone(),
+        );
+        registry.register(
+            "parked_connections",
+            "Idle HTTP/1.1 connections parked without HTTP buffers",
+            m.parked.clone(),
         );
         registry.register(
             "tls_handshakes",

@@ -338,7 +338,14 @@ async fn serve_tls(
             Box::pin(serve_http(TokioIo::new(stream), conn, Some(true), watcher))
         } else {
             let io = watched(stream, &conn);
-            Box::pin(serve_http(TokioIo::new(io), conn, Some(false), watcher))
+            let max_buf = h1_max_buf(&conn.gateway.snapshot().table.settings.limits);
+            Box::pin(crate::park::serve(
+                Box::new(io),
+                conn,
+                max_buf,
+                watcher,
+                stop.clone(),
+            ))
         }
     };
     served.await;

@@ -257,10 +257,15 @@ async fn forwarded_headers_http2() {
     forwarded_headers(true).await;
 }
 
+/// Also: a WebSocket quiet for longer than the keep-alive and header timeouts stays open (those
+/// are HTTP timeouts; a tunnel has none).
 #[tokio::test]
 async fn websocket_passes_through() {
     let backend = Backend::start().await;
-    let f = Fixture::new(&backend.url(), "");
+    let f = Fixture::new(
+        &backend.url(),
+        "[limits]\nkeepalive_timeout = \"1s\"\nheader_read_timeout = \"1s\"\n",
+    );
     let gw = f.start().await;
     let https = gw.https.expect("https");
     let tls = tls_connect(
@@ -274,6 +279,7 @@ async fn websocket_passes_through() {
         .await
         .expect("websocket handshake through the gateway");
     assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
     for i in 0..20 {
         let text = format!("hello {i}");
         ws.send(Message::text(text.clone())).await.expect("send");

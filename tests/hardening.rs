@@ -29,6 +29,19 @@ async fn read_to_close<S: AsyncRead + Unpin>(s: &mut S, limit: Duration) -> (Vec
     }
 }
 
+/// Reads one answer to a `/slow` request (its body ends "slow done").
+async fn one_answer<S: AsyncRead + Unpin>(s: &mut S) -> String {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.ends_with(b"slow done") {
+        match tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
+            other => panic!("connection ended early: {other:?}: {got:?}"),
+        }
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slowloris_is_cut_off_while_others_are_served() {
     let backend = Backend::start().await;
@@ -88,20 +101,6 @@ async fn keepalive_idle_timeout_is_separate_from_the_header_timeout() {
     let http = gw.http.expect("http");
     let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: webmail.example.org\r\n\r\n");
 
-    async fn one_answer(s: &mut TcpStream) -> String {
-        let mut got = Vec::new();
-        let mut buf = [0u8; 4096];
-        while !String::from_utf8_lossy(&got).contains("\r\n\r\n")
-            || !got.ends_with(b"done") && !got.ends_with(b"slow done")
-        {
-            match tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await {
-                Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
-                other => panic!("connection ended early: {other:?}: {got:?}"),
-            }
-        }
-        String::from_utf8_lossy(&got).into_owned()
-    }
-
     // A response slower than both timeouts, then idle past the header timeout, then reused.
     let mut s = TcpStream::connect(http).await.expect("connect");
     s.write_all(get("/slow?ms=3500").as_bytes())
@@ -135,6 +134,63 @@ async fn keepalive_idle_timeout_is_separate_from_the_header_timeout() {
         "silent connection: closed={closed} after {after:?}"
     );
     gw.stop().await.expect("gateway task");
+}
+
+/// An idle HTTP/1.1 TLS connection is parked (hyper's connection and buffers dropped, see
+/// `park`), is served again when its next request comes, and still closes at
+/// `keepalive_timeout`; a gateway stop closes parked connections at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_tls_connection_is_parked_and_served_again() {
+    let backend = Backend::start().await;
+    let f = Fixture::new(&backend.url(), "[limits]\nkeepalive_timeout = \"4s\"\n");
+    let gw = f.start().await;
+    let https = gw.https.expect("https");
+    let cfg = client_config(&f.pki.ca_der(), &[b"http/1.1"], true);
+    let parked = || gw.gateway.metrics.parked.get();
+    let get = b"GET /slow?ms=0 HTTP/1.1\r\nHost: webmail.example.net\r\n\r\n";
+
+    let mut s = tls_connect(https, cfg.clone(), "webmail.example.net")
+        .await
+        .expect("tls");
+    let mut answered = Instant::now();
+    for round in 0..3 {
+        s.write_all(get).await.expect("write");
+        let answer = one_answer(&mut s).await;
+        answered = Instant::now();
+        assert!(
+            answer.starts_with("HTTP/1.1 200"),
+            "round {round}: {answer}"
+        );
+        assert!(
+            eventually(Duration::from_secs(3), || async { parked() == 1 }).await,
+            "round {round}: the idle connection was not parked"
+        );
+    }
+    // Parked, it still closes when keep-alive runs out, counted from its last answer.
+    let (_, closed) = read_to_close(&mut s, Duration::from_secs(8)).await;
+    let after = answered.elapsed();
+    assert!(
+        closed && after >= Duration::from_millis(3800) && after < Duration::from_secs(6),
+        "parked connection: closed={closed} after {after:?}, keepalive_timeout is 4s"
+    );
+    assert!(eventually(Duration::from_secs(2), || async { parked() == 0 }).await);
+
+    // A stop does not wait for parked connections.
+    let mut s = tls_connect(https, cfg, "webmail.example.net")
+        .await
+        .expect("tls");
+    s.write_all(get).await.expect("write");
+    one_answer(&mut s).await;
+    assert!(eventually(Duration::from_secs(3), || async { parked() == 1 }).await);
+    let stopping = Instant::now();
+    gw.stop().await.expect("gateway task");
+    assert!(
+        stopping.elapsed() < Duration::from_secs(2),
+        "stop waited {:?} for a parked connection",
+        stopping.elapsed()
+    );
+    let (_, closed) = read_to_close(&mut s, Duration::from_secs(2)).await;
+    assert!(closed, "parked connection left open after stop");
 }
 
 #[tokio::test]

@@ -1,0 +1,225 @@
+//! Idle HTTP/1.1 connections without hyper's buffers.
+//!
+//! hyper keeps, for every HTTP/1.1 connection for its whole life, a read buffer (8–16 KB), a
+//! write buffer (8 KB) and the last header map (about 3 KB), and has no way to let them go
+//! while the connection idles. With thousands of keep-alive connections from webmail clients
+//! that is most of the gateway's memory. So, as nginx frees its request buffers between
+//! keep-alive requests, a TLS HTTP/1.1 connection that has idled for [`PARK_AFTER`] is taken
+//! back from hyper: hyper closes its side (its shutdown of the stream is turned into a flush),
+//! its connection and buffers are dropped, and only the TLS stream is kept, waiting for
+//! readability. When bytes arrive a new hyper connection is built on the same stream; bytes
+//! hyper had read but not used are served to it first. `framing::Watched` stays on the stream
+//! throughout, so request counting, the smuggling check and the keep-alive deadline carry on.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::Watcher;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio_rustls::server::TlsStream;
+
+use crate::framing::Watched;
+use crate::handler::{self, Conn};
+use crate::server::stopped;
+
+/// How long an HTTP/1.1 connection idles before it is parked. Long enough that a browser's
+/// burst of requests keeps its hyper connection; short next to `keepalive_timeout`.
+pub const PARK_AFTER: Duration = Duration::from_secs(1);
+
+/// A stream with bytes already read from it put back in front.
+pub struct Replay<S> {
+    carry: Bytes,
+    inner: S,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Replay<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.carry.is_empty() {
+            return Pin::new(&mut this.inner).poll_read(cx, buf);
+        }
+        let n = this.carry.len().min(buf.remaining());
+        buf.put_slice(&this.carry[..n]);
+        this.carry.advance(n);
+        if this.carry.is_empty() {
+            // An empty slice still holds the buffer it was cut from (hyper's, 8 KB or more).
+            this.carry = Bytes::new();
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Replay<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// Boxed so that moving it between the parked and the served state moves a pointer (a 1.3 KB
+/// stream held by value took room several times over in the future that moves it).
+type Stream = Box<Watched<TlsStream<TcpStream>>>;
+
+/// Serves HTTP/1.1 on a TLS connection until it closes, parking it whenever it idles (see the
+/// module doc). `watcher` is held until the end so a graceful shutdown waits for it; `stop`
+/// starts that shutdown here.
+pub async fn serve(
+    mut io: Stream,
+    conn: Arc<Conn>,
+    max_buf: usize,
+    watcher: Watcher,
+    mut stop: watch::Receiver<bool>,
+) {
+    let _watcher = watcher;
+    let mut carry = Bytes::new();
+    loop {
+        // Boxed: the served stage (hyper's connection and its waits) takes room only while it
+        // runs, not in the future that waits out a parked connection.
+        let served = Box::pin(serve_until_idle(io, carry, &conn, max_buf, stop.clone()));
+        let Some((back, rest)) = served.await else {
+            return;
+        };
+        io = back;
+        carry = rest;
+        if !carry.is_empty() {
+            continue;
+        }
+        let metrics = &conn.gateway.metrics;
+        metrics.parked.inc();
+        let deadline = io.idle_deadline();
+        let woke = tokio::select! {
+            r = io.get_ref().get_ref().0.readable() => r.is_ok(),
+            _ = tokio::time::sleep_until(deadline) => false,
+            _ = stopped(&mut stop) => false,
+        };
+        metrics.parked.dec();
+        if !woke {
+            // Keep-alive ran out or the gateway is stopping: close as hyper would have.
+            let _ = io.shutdown().await;
+            return;
+        }
+    }
+}
+
+/// Runs one hyper connection on `io` (with `carry` read first) until it ends, or until it has
+/// idled for [`PARK_AFTER`]: then returns the stream and any bytes hyper read but did not use.
+async fn serve_until_idle(
+    io: Stream,
+    carry: Bytes,
+    conn: &Arc<Conn>,
+    max_buf: usize,
+    mut stop: watch::Receiver<bool>,
+) -> Option<(Stream, Bytes)> {
+    let progress = &conn.framing;
+    let svc_conn = conn.clone();
+    let svc = service_fn(move |req| handler::handle(svc_conn.clone(), req));
+    let mut hc = Box::pin(
+        http1::Builder::new()
+            .timer(TokioTimer::new())
+            // Off: `Watched` keeps the header and keep-alive timeouts (see `framing`).
+            .header_read_timeout(None)
+            .max_buf_size(max_buf)
+            .keep_alive(true)
+            .serve_connection(TokioIo::new(Replay { carry, inner: io }), svc)
+            .with_upgrades(),
+    );
+    let mut shutting_down = *stop.borrow();
+    if shutting_down {
+        hc.as_mut().graceful_shutdown();
+    }
+    let mut park_at = None;
+    let mut parking = false;
+    let ended = loop {
+        tokio::select! {
+            r = hc.as_mut() => break r,
+            epoch = progress.idle_began(), if park_at.is_none() && !parking && !shutting_down => {
+                park_at = Some((tokio::time::Instant::now() + PARK_AFTER, epoch));
+            }
+            _ = sleep_until(park_at.map(|(at, _)| at)), if park_at.is_some() => {
+                // hyper is not running now (it runs inside this task's poll of `hc`), so "no
+                // byte since the idle period began" means its buffers hold nothing.
+                if let Some((_, epoch)) = park_at.take()
+                    && progress.still_idle(epoch)
+                    && !shutting_down
+                {
+                    parking = true;
+                    progress.set_parking(true);
+                    hc.as_mut().graceful_shutdown();
+                }
+            }
+            _ = stopped(&mut stop), if !shutting_down => {
+                shutting_down = true;
+                hc.as_mut().graceful_shutdown();
+            }
+            _ = conn.abuse.notified() => return None,
+        }
+    };
+    progress.set_parking(false);
+    if let Err(e) = ended {
+        tracing::debug!(peer = %conn.peer, error = %e, "connection ended with an error");
+        return None;
+    }
+    if !parking {
+        return None;
+    }
+    // `None`: upgraded to a tunnel, which now owns the stream.
+    let parts = Pin::into_inner(hc).into_parts()?;
+    let (read_buf, service) = (parts.read_buf, parts.service);
+    let Replay { carry: rest, inner } = parts.io.into_inner();
+    // Copied out, so that hyper's read buffer (which even an empty slice of it would keep) is
+    // freed here with the rest of its connection.
+    let carry = if read_buf.is_empty() && rest.is_empty() {
+        Bytes::new()
+    } else {
+        let mut b = BytesMut::with_capacity(read_buf.len() + rest.len());
+        b.extend_from_slice(&read_buf);
+        b.extend_from_slice(&rest);
+        b.freeze()
+    };
+    drop((read_buf, rest, service));
+    Some((inner, carry))
+}
+
+/// Sleeps until `at`, or forever when there is nothing to wait for.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
