@@ -285,6 +285,8 @@ idle_rss() { # port pids...
   local py=$!
   PIDS+=($py)
   for _ in $(seq 1 600); do grep -q '^open' "$fifo" && break; sleep 0.1; done
+  # Read once the connections are idle, not while the last ones are still being answered.
+  sleep "${IDLE_SETTLE:-5}"
   local rss=0 pid
   for pid in "$@"; do
     [ -r "/proc/$pid/status" ] && rss=$((rss + $(awk '/VmRSS/ {print $2}' "/proc/$pid/status")))
