@@ -152,11 +152,9 @@ async fn idle_tls_connection_is_parked_and_served_again() {
     let mut s = tls_connect(https, cfg.clone(), "webmail.example.net")
         .await
         .expect("tls");
-    let mut answered = Instant::now();
     for round in 0..3 {
         s.write_all(get).await.expect("write");
         let answer = one_answer(&mut s).await;
-        answered = Instant::now();
         assert!(
             answer.starts_with("HTTP/1.1 200"),
             "round {round}: {answer}"
@@ -166,6 +164,31 @@ async fn idle_tls_connection_is_parked_and_served_again() {
             "round {round}: the idle connection was not parked"
         );
     }
+    // Two pipelined requests wake a parked connection; both are answered, in order.
+    let two = b"GET /slow?ms=300 HTTP/1.1\r\nHost: webmail.example.net\r\n\r\nGET /slow?ms=0 HTTP/1.1\r\nHost: webmail.example.net\r\n\r\n";
+    s.write_all(two).await.expect("write");
+    let first = one_answer(&mut s).await;
+    let second = if first.matches("slow done").count() == 2 {
+        first.clone()
+    } else {
+        one_answer(&mut s).await
+    };
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    assert!(second.contains("HTTP/1.1 200"), "{second}");
+    // Half a head, then a pause longer than PARK_AFTER: not idle, so not parked; the rest of
+    // the head completes the request.
+    assert!(eventually(Duration::from_secs(3), || async { parked() == 1 }).await);
+    s.write_all(b"GET /slow?ms=0 HTTP/1.1\r\nHost: webm")
+        .await
+        .expect("write");
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    assert_eq!(parked(), 0, "parked with half a head read");
+    s.write_all(b"ail.example.net\r\n\r\n")
+        .await
+        .expect("write");
+    let answer = one_answer(&mut s).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let answered = Instant::now();
     // Parked, it still closes when keep-alive runs out, counted from its last answer.
     let (_, closed) = read_to_close(&mut s, Duration::from_secs(8)).await;
     let after = answered.elapsed();
