@@ -8,7 +8,8 @@
 //! forwarding it. hyper closes the connection after such a request, so nothing after it is
 //! ever served and the watch can stop there.
 //!
-//! The watch only reports; it never changes bytes. If it loses the thread (bytes hyper would
+//! The watch only reports; it never changes bytes (it can hand back, once, bytes hyper read
+//! and did not use: see [`Watched::put_back`]). If it loses the thread (bytes hyper would
 //! reject anyway, a head over the size limit, an upgraded connection's tunnel) it stops
 //! reporting for the rest of the connection.
 //!
@@ -27,6 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
@@ -418,6 +420,8 @@ pub struct Watched<S> {
     armed: Option<Wait>,
     /// Allocated at the first bounded wait, then reset in place.
     timer: Option<Pin<Box<Sleep>>>,
+    /// Bytes already read and followed, served again before the stream (see `put_back`).
+    replay: Bytes,
 }
 
 impl<S> Watched<S> {
@@ -430,7 +434,31 @@ impl<S> Watched<S> {
             timeouts,
             timer: None,
             armed: None,
+            replay: Bytes::new(),
         }
+    }
+
+    /// Puts bytes already read from this stream back in front of it, for the next reader
+    /// (`park` hands them from one hyper connection to the next). They are copied: a slice of
+    /// hyper's read buffer, even an empty one, would keep the whole buffer alive.
+    pub fn put_back(&mut self, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        let mut b = BytesMut::with_capacity(bytes.len() + self.replay.len());
+        b.extend_from_slice(bytes);
+        b.extend_from_slice(&self.replay);
+        self.replay = b.freeze();
+    }
+
+    /// True when bytes put back are waiting to be read.
+    pub fn has_replay(&self) -> bool {
+        !self.replay.is_empty()
+    }
+
+    /// The largest head followed, which is hyper's read buffer cap.
+    pub fn max_head(&self) -> usize {
+        self.framing.max_head
     }
 
     /// The wrapped stream.
@@ -505,6 +533,16 @@ impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if !this.replay.is_empty() {
+            // Already followed when first read: served again as they are.
+            let n = this.replay.len().min(buf.remaining());
+            buf.put_slice(&this.replay[..n]);
+            this.replay.advance(n);
+            if this.replay.is_empty() {
+                this.replay = Bytes::new();
+            }
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {

@@ -129,9 +129,10 @@ async fn handle_inner(conn: &Conn, req: Request<Incoming>) -> Response<Body> {
     let authority = authority_of(&req);
     let mut buf: HostBuf = [0; host::MAX_HOST_LEN + 2];
     let tls = conn.tls.as_ref().map(|(sni, cert)| TlsFacts { sni, cert });
+    // Counted for every HTTP/1.x request, so the framing watch's request numbers line up.
+    let ambiguous = h1 && conn.framing.begin();
     let decision = match &authority {
-        _ if h1 && conn.framing.begin() => Decision::BadFraming,
-        _ if smuggling_shape(&req) => Decision::BadFraming,
+        _ if ambiguous || smuggling_shape(&req) => Decision::BadFraming,
         Ok(a) => policy::decide(
             &snapshot.table,
             tls.as_ref(),

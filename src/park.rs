@@ -8,21 +8,18 @@
 //! back from hyper: hyper closes its side (its shutdown of the stream is turned into a flush),
 //! its connection and buffers are dropped, and only the TLS stream is kept, waiting for
 //! readability. When bytes arrive a new hyper connection is built on the same stream; bytes
-//! hyper had read but not used are served to it first. `framing::Watched` stays on the stream
+//! hyper had read but not used are put back (`Watched::put_back`) and served to it first. `framing::Watched` stays on the stream
 //! throughout, so request counting, the smuggling check and the keep-alive deadline carry on.
 
-use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::Watcher;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_rustls::server::TlsStream;
@@ -35,63 +32,6 @@ use crate::server::stopped;
 /// burst of requests keeps its hyper connection; short next to `keepalive_timeout`.
 pub const PARK_AFTER: Duration = Duration::from_secs(1);
 
-/// A stream with bytes already read from it put back in front.
-pub struct Replay<S> {
-    carry: Bytes,
-    inner: S,
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Replay<S> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if this.carry.is_empty() {
-            return Pin::new(&mut this.inner).poll_read(cx, buf);
-        }
-        let n = this.carry.len().min(buf.remaining());
-        buf.put_slice(&this.carry[..n]);
-        this.carry.advance(n);
-        if this.carry.is_empty() {
-            // An empty slice still holds the buffer it was cut from (hyper's, 8 KB or more).
-            this.carry = Bytes::new();
-        }
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Replay<S> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
-    }
-}
-
 /// Boxed so that moving it between the parked and the served state moves a pointer (a 1.3 KB
 /// stream held by value took room several times over in the future that moves it).
 type Stream = Box<Watched<TlsStream<TcpStream>>>;
@@ -102,22 +42,18 @@ type Stream = Box<Watched<TlsStream<TcpStream>>>;
 pub async fn serve(
     mut io: Stream,
     conn: Arc<Conn>,
-    max_buf: usize,
     watcher: Watcher,
     mut stop: watch::Receiver<bool>,
 ) {
     let _watcher = watcher;
-    let mut carry = Bytes::new();
     loop {
         // Boxed: the served stage (hyper's connection and its waits) takes room only while it
         // runs, not in the future that waits out a parked connection.
-        let served = Box::pin(serve_until_idle(io, carry, &conn, max_buf, stop.clone()));
-        let Some((back, rest)) = served.await else {
+        let Some(back) = Box::pin(serve_until_idle(io, &conn, stop.clone())).await else {
             return;
         };
         io = back;
-        carry = rest;
-        if !carry.is_empty() {
+        if io.has_replay() {
             continue;
         }
         let metrics = &conn.gateway.metrics;
@@ -137,15 +73,14 @@ pub async fn serve(
     }
 }
 
-/// Runs one hyper connection on `io` (with `carry` read first) until it ends, or until it has
-/// idled for [`PARK_AFTER`]: then returns the stream and any bytes hyper read but did not use.
+/// Runs one hyper connection on `io` until it ends, or until it has idled for [`PARK_AFTER`]:
+/// then returns the stream, with any bytes hyper read but did not use put back.
 async fn serve_until_idle(
     io: Stream,
-    carry: Bytes,
     conn: &Arc<Conn>,
-    max_buf: usize,
     mut stop: watch::Receiver<bool>,
-) -> Option<(Stream, Bytes)> {
+) -> Option<Stream> {
+    let max_buf = io.max_head();
     let progress = &conn.framing;
     let svc_conn = conn.clone();
     let svc = service_fn(move |req| handler::handle(svc_conn.clone(), req));
@@ -156,7 +91,7 @@ async fn serve_until_idle(
             .header_read_timeout(None)
             .max_buf_size(max_buf)
             .keep_alive(true)
-            .serve_connection(TokioIo::new(Replay { carry, inner: io }), svc)
+            .serve_connection(TokioIo::new(io), svc)
             .with_upgrades(),
     );
     let mut shutting_down = *stop.borrow();
@@ -200,20 +135,9 @@ async fn serve_until_idle(
     }
     // `None`: upgraded to a tunnel, which now owns the stream.
     let parts = Pin::into_inner(hc).into_parts()?;
-    let (read_buf, service) = (parts.read_buf, parts.service);
-    let Replay { carry: rest, inner } = parts.io.into_inner();
-    // Copied out, so that hyper's read buffer (which even an empty slice of it would keep) is
-    // freed here with the rest of its connection.
-    let carry = if read_buf.is_empty() && rest.is_empty() {
-        Bytes::new()
-    } else {
-        let mut b = BytesMut::with_capacity(read_buf.len() + rest.len());
-        b.extend_from_slice(&read_buf);
-        b.extend_from_slice(&rest);
-        b.freeze()
-    };
-    drop((read_buf, rest, service));
-    Some((inner, carry))
+    let mut io = parts.io.into_inner();
+    io.put_back(&parts.read_buf);
+    Some(io)
 }
 
 /// Sleeps until `at`, or forever when there is nothing to wait for.

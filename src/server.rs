@@ -337,15 +337,8 @@ async fn serve_tls(
         if h2 {
             Box::pin(serve_http(TokioIo::new(stream), conn, Some(true), watcher))
         } else {
-            let io = watched(stream, &conn);
-            let max_buf = h1_max_buf(&conn.gateway.snapshot().table.settings.limits);
-            Box::pin(crate::park::serve(
-                Box::new(io),
-                conn,
-                max_buf,
-                watcher,
-                stop.clone(),
-            ))
+            let io = Box::new(watched(stream, &conn));
+            Box::pin(crate::park::serve(io, conn, watcher, stop.clone()))
         }
     };
     served.await;
