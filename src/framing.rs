@@ -466,6 +466,11 @@ impl<S> Watched<S> {
         &self.inner
     }
 
+    /// The wrapped stream, to change.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
     /// When the current idle period runs out (`keepalive_timeout` after it began).
     pub fn idle_deadline(&self) -> Instant {
         match (&self.timer, self.armed) {

@@ -30,3 +30,4 @@ pub mod reload;
 pub mod server;
 pub mod table;
 pub mod tls;
+pub mod tls_stream;

@@ -6,7 +6,7 @@
 //! that is most of the gateway's memory. So, as nginx frees its request buffers between
 //! keep-alive requests, a TLS HTTP/1.1 connection that has idled for [`PARK_AFTER`] is taken
 //! back from hyper: hyper closes its side (its shutdown of the stream is turned into a flush),
-//! its connection and buffers are dropped, and only the TLS stream is kept, waiting for
+//! its connection and buffers are dropped, and only the TLS stream is kept, with its own buffers released (`tls_stream`), waiting for
 //! readability. When bytes arrive a new hyper connection is built on the same stream; bytes
 //! hyper had read but not used are put back (`Watched::put_back`) and served to it first. `framing::Watched` stays on the stream
 //! throughout, so request counting, the smuggling check and the keep-alive deadline carry on.
@@ -22,11 +22,11 @@ use hyper_util::server::graceful::Watcher;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
-use tokio_rustls::server::TlsStream;
 
 use crate::framing::Watched;
 use crate::handler::{self, Conn};
 use crate::server::stopped;
+use crate::tls_stream::TlsStream;
 
 /// How long an HTTP/1.1 connection idles before it is parked. Long enough that a browser's
 /// burst of requests keeps its hyper connection; short next to `keepalive_timeout`.
@@ -53,14 +53,16 @@ pub async fn serve(
             return;
         };
         io = back;
-        if io.has_replay() {
+        // Bytes already taken off the socket would not wake a wait on it.
+        if io.has_replay() || io.get_ref().has_buffered() {
             continue;
         }
+        io.get_mut().release_buffers();
         let metrics = &conn.gateway.metrics;
         metrics.parked.inc();
         let deadline = io.idle_deadline();
         let woke = tokio::select! {
-            r = io.get_ref().get_ref().0.readable() => r.is_ok(),
+            r = io.get_ref().get_ref().readable() => r.is_ok(),
             _ = tokio::time::sleep_until(deadline) => false,
             _ = stopped(&mut stop) => false,
         };

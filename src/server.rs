@@ -332,7 +332,7 @@ async fn serve_tls(
         let Some((stream, sni, cert)) = Box::pin(handshake(tcp, peer, &gw, stop)).await else {
             return;
         };
-        let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+        let h2 = stream.alpn_protocol() == Some(b"h2");
         let conn = Arc::new(Conn::new(gw, peer, Some((sni, cert))));
         if h2 {
             Box::pin(serve_http(TokioIo::new(stream), conn, Some(true), watcher))

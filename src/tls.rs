@@ -8,12 +8,16 @@ use std::sync::Arc;
 use rustls::ServerConfig;
 use rustls::server::{ClientHello, ResolvesServerCert, ServerSessionMemoryCache};
 use rustls::sign::CertifiedKey;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio_rustls::LazyConfigAcceptor;
-use tokio_rustls::server::TlsStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::certs::CertEntry;
 use crate::host::{self, HostBuf};
+use crate::tls_stream::TlsStream;
+
+/// Bytes read from the socket at a time while the ClientHello arrives.
+const HELLO_READ: usize = 4096;
+/// The largest ClientHello taken: rustls' own cap on a handshake message, plus its header.
+const MAX_HELLO: usize = 0xffff + 4 + 5;
 
 /// A fatal `unrecognized_name` (112) alert record, sent in plaintext in answer to the
 /// ClientHello: rustls has no API to send it, and answering a resolver miss with rustls' own
@@ -82,9 +86,52 @@ where
     IO: AsyncRead + AsyncWrite + Unpin,
     F: FnOnce(&str) -> Option<Arc<CertEntry>>,
 {
-    let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io)
-        .await
-        .map_err(HandshakeError::Protocol)?;
+    // The ClientHello is read here, into a buffer that is then handed to the connection, so
+    // that the certificate can be chosen (or the name refused) before rustls goes on.
+    let mut io = io;
+    let mut received = Vec::new();
+    let mut acceptor = rustls::server::Acceptor::default();
+    let start = loop {
+        let have = received.len();
+        if have >= MAX_HELLO {
+            return Err(HandshakeError::Protocol(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "ClientHello larger than 64 KB",
+            )));
+        }
+        received.resize(have + HELLO_READ, 0);
+        let n = io
+            .read(&mut received[have..])
+            .await
+            .map_err(HandshakeError::Protocol)?;
+        received.truncate(have + n);
+        if n == 0 {
+            return Err(HandshakeError::Protocol(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "peer closed the connection before its ClientHello was complete",
+            )));
+        }
+        let mut fresh = &received[have..];
+        while !fresh.is_empty() {
+            acceptor
+                .read_tls(&mut fresh)
+                .map_err(HandshakeError::Protocol)?;
+        }
+        match acceptor.accept() {
+            Ok(Some(accepted)) => break accepted,
+            Ok(None) => {}
+            Err((e, mut alert)) => {
+                let mut bytes = Vec::new();
+                // Best effort: the client may already be gone.
+                let _ = alert.write_all(&mut bytes);
+                let _ = io.write_all(&bytes).await;
+                return Err(HandshakeError::Protocol(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    e,
+                )));
+            }
+        }
+    };
     let mut buf: HostBuf = [0; host::MAX_HOST_LEN + 2];
     let hello = start.client_hello();
     let sni = hello.server_name().map(|raw| {
@@ -97,7 +144,6 @@ where
         _ => None,
     };
     let Some(entry) = chosen else {
-        let mut io = start.io;
         // Best effort: the client may already be gone.
         let _ = io.write_all(&UNRECOGNIZED_NAME_ALERT).await;
         let _ = io.shutdown().await;
@@ -114,8 +160,8 @@ where
     // 421 check later compares against what the client really saw, even across a reload.
     let mut config = (**base).clone();
     config.cert_resolver = Arc::new(Chosen(Some(entry.key.clone())));
-    let stream = start
-        .into_stream(Arc::new(config))
+    drop(start);
+    let stream = crate::tls_stream::handshake(io, received, Arc::new(config))
         .await
         .map_err(HandshakeError::Protocol)?;
     Ok((stream, sni, entry))
