@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! request:  server (accept, TLS handshake under a timeout)
-//!           -> tls (SNI -> certificate, from the live table)
+//!           -> tls (SNI -> certificate, from the live table) -> tls_stream (rustls)
 //!           -> handler (one request) -> policy (pure decision) -> forward (to the backend)
 //! config:   config (serde file types) -> certs (PEM -> CertifiedKey) -> table (compiled,
 //!           immutable) -> live snapshot (ArcSwap) <- reload (watcher, SIGHUP,

@@ -6,9 +6,10 @@
 //! that is most of the gateway's memory. So, as nginx frees its request buffers between
 //! keep-alive requests, a TLS HTTP/1.1 connection that has idled for [`PARK_AFTER`] is taken
 //! back from hyper: hyper closes its side (its shutdown of the stream is turned into a flush),
-//! its connection and buffers are dropped, and only the TLS stream is kept, with its own buffers released (`tls_stream`), waiting for
-//! readability. When bytes arrive a new hyper connection is built on the same stream; bytes
-//! hyper had read but not used are put back (`Watched::put_back`) and served to it first. `framing::Watched` stays on the stream
+//! its connection and buffers are dropped, and only the TLS stream is kept, its own buffers
+//! released too (`tls_stream`), waiting for readability. When bytes arrive a new hyper
+//! connection is built on the same stream; bytes hyper had read but not used are put back
+//! (`Watched::put_back`) and served to it first. `framing::Watched` stays on the stream
 //! throughout, so request counting, the smuggling check and the keep-alive deadline carry on.
 
 use std::pin::Pin;
