@@ -1,7 +1,7 @@
 //! logon-gate: the edge gateway that makes custom webmail logon addresses real.
 //!
 //! ```text
-//! request:  server (accept, TLS handshake under a timeout)
+//! request:  server (accept) -> workers (a serving thread) -> TLS handshake under a timeout
 //!           -> tls (SNI -> certificate, from the live table) -> tls_stream (rustls)
 //!           -> handler (one request) -> policy (pure decision) -> forward (to the backend)
 //! config:   config (serde file types) -> certs (PEM -> CertifiedKey) -> table (compiled,
@@ -31,3 +31,4 @@ pub mod server;
 pub mod table;
 pub mod tls;
 pub mod tls_stream;
+pub mod workers;

@@ -38,8 +38,13 @@ pub struct Pool {
     authority: Authority,
     connect_timeout: Duration,
     max_idle: usize,
-    idle: Mutex<Vec<Sender>>,
+    /// Idle connections, one list per serving thread (`workers::shard`): a connection's task
+    /// runs on the thread that made it, so a request reuses one made on its own thread.
+    idle: Box<[Mutex<Vec<Sender>>]>,
 }
+
+/// Idle lists kept: serving threads beyond this share lists.
+const SHARDS: usize = 64;
 
 impl Pool {
     /// An empty pool for `authority`.
@@ -48,7 +53,7 @@ impl Pool {
             authority,
             connect_timeout,
             max_idle,
-            idle: Mutex::new(Vec::new()),
+            idle: (0..SHARDS).map(|_| Mutex::new(Vec::new())).collect(),
         })
     }
 
@@ -126,7 +131,9 @@ impl Pool {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Sender>> {
-        self.idle.lock().unwrap_or_else(|p| p.into_inner())
+        self.idle[crate::workers::shard() % SHARDS]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 }
 

@@ -24,6 +24,7 @@ use crate::config::{ConfigError, Limits};
 use crate::forward::Upstream;
 use crate::handler::{self, Conn};
 use crate::table::{Loader, Table};
+use crate::workers::Workers;
 
 /// What requests are served from: the table and the upstream built for it, swapped together
 /// so a request never sees a mix of two configurations.
@@ -101,6 +102,8 @@ pub enum StartError {
     },
     #[error("TLS setup failed: {0}")]
     Tls(#[from] rustls::Error),
+    #[error("cannot start the serving threads: {0}")]
+    Threads(std::io::Error),
 }
 
 /// A started gateway: its bound addresses, a handle to stop it, and its task.
@@ -192,23 +195,19 @@ pub async fn start(config_path: &Path) -> Result<Running, StartError> {
 
     let (stop, stop_rx) = watch::channel(false);
     let graceful = Arc::new(GracefulShutdown::new());
+    let workers = Arc::new(Workers::start(Workers::default_count()).map_err(StartError::Threads)?);
+    // The accept loops run here, on the main runtime; each connection is then served on the
+    // least busy serving thread (see `workers`).
     let mut loops = Vec::new();
-    if let Some(l) = https {
+    for (listener, https) in [(https, true), (http, false)] {
+        let Some(listener) = listener else { continue };
         loops.push(tokio::spawn(accept_loop(
-            l,
-            true,
+            listener,
+            https,
             gateway.clone(),
             stop_rx.clone(),
             graceful.clone(),
-        )));
-    }
-    if let Some(l) = http {
-        loops.push(tokio::spawn(accept_loop(
-            l,
-            false,
-            gateway.clone(),
-            stop_rx.clone(),
-            graceful.clone(),
+            workers.clone(),
         )));
     }
     tracing::info!(
@@ -251,6 +250,7 @@ pub async fn start(config_path: &Path) -> Result<Running, StartError> {
                 "shutdown timeout reached; closing remaining connections"
             );
         }
+        workers.finish();
     });
 
     Ok(Running {
@@ -274,6 +274,7 @@ async fn accept_loop(
     gw: Arc<Gateway>,
     mut stop: watch::Receiver<bool>,
     graceful: Arc<GracefulShutdown>,
+    workers: Arc<Workers>,
 ) {
     loop {
         let (tcp, peer) = tokio::select! {
@@ -294,11 +295,18 @@ async fn accept_loop(
             continue;
         };
         let _ = tcp.set_nodelay(true);
+        // Taken off this runtime's poller, for the serving thread's to watch.
+        let Ok(tcp) = tcp.into_std() else {
+            continue;
+        };
         let gw = gw.clone();
         let watcher = graceful.watcher();
         let mut stop = stop.clone();
         let task = async move {
             let _slot = slot;
+            let Ok(tcp) = TcpStream::from_std(tcp) else {
+                return;
+            };
             let label = crate::metrics::ListenerLabel {
                 listener: if https { "https" } else { "http" },
             };
@@ -313,7 +321,7 @@ async fn accept_loop(
             }
             open.dec();
         };
-        tokio::spawn(task);
+        workers.spawn(task);
     }
 }
 

@@ -1,0 +1,156 @@
+//! Serving threads: one single-threaded tokio runtime per core, each serving the connections
+//! handed to it from accept to close, as nginx's and HAProxy's workers do.
+//!
+//! The accept loops hand each new connection to the thread serving the fewest. A connection's
+//! task, the tasks hyper spawns for its HTTP/2 streams and the backend
+//! connections its requests use (the pool keeps one set per thread) all run on one thread, so
+//! a request never waits for a wake-up from another thread, and no task migrates between
+//! cores. The accept loops, reloads and the admin endpoint stay on the main runtime.
+
+use std::cell::Cell;
+use std::future::Future;
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use tokio::runtime::Handle;
+use tokio::sync::watch;
+
+thread_local! {
+    /// 1 + this thread's index among the serving threads; 0 on any other thread.
+    static SHARD: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Which serving thread this is (1-based), or 0 on any other thread: for per-thread state.
+pub fn shard() -> usize {
+    SHARD.with(Cell::get)
+}
+
+/// The serving threads. They end once [`Workers::finish`] is called (after the graceful
+/// shutdown), or when this is dropped.
+pub struct Workers {
+    handles: Vec<Handle>,
+    /// Connections being served by each thread.
+    load: Arc<[AtomicUsize]>,
+    /// Where the search for the least busy thread starts, so that ties go round.
+    next: AtomicUsize,
+    done: watch::Sender<bool>,
+}
+
+/// Counts a connection against its thread while it lives.
+struct Load(Arc<[AtomicUsize]>, usize);
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.0[self.1].fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Workers {
+    /// Starts `n` serving threads (at least one).
+    pub fn start(n: usize) -> io::Result<Workers> {
+        let (done, done_rx) = watch::channel(false);
+        let mut handles = Vec::new();
+        for i in 0..n.max(1) {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            handles.push(rt.handle().clone());
+            let mut done_rx = done_rx.clone();
+            std::thread::Builder::new()
+                .name(format!("logon-gate-{i}"))
+                .spawn(move || {
+                    SHARD.with(|s| s.set(i + 1));
+                    rt.block_on(async move {
+                        let _ = done_rx.wait_for(|d| *d).await;
+                    });
+                })?;
+        }
+        let load = (0..handles.len()).map(|_| AtomicUsize::new(0)).collect();
+        Ok(Workers {
+            handles,
+            load,
+            next: AtomicUsize::new(0),
+            done,
+        })
+    }
+
+    /// The number of serving threads: `TOKIO_WORKER_THREADS` if set, else one per core.
+    pub fn default_count() -> usize {
+        std::env::var("TOKIO_WORKER_THREADS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|&n| n > 0)
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    }
+
+    /// Serves a connection's task on the thread with the fewest connections.
+    pub fn spawn<F>(&self, task: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let n = self.handles.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let pick = (0..n)
+            .map(|k| (start + k) % n)
+            .min_by_key(|&i| self.load[i].load(Ordering::Relaxed))
+            .unwrap_or(0);
+        self.load[pick].fetch_add(1, Ordering::Relaxed);
+        let load = Load(self.load.clone(), pick);
+        self.handles[pick].spawn(async move {
+            let _load = load;
+            task.await;
+        });
+    }
+
+    /// Ends the serving threads; tasks still running on them are dropped.
+    pub fn finish(&self) {
+        let _ = self.done.send(true);
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Tasks that stay open go to the thread serving the fewest, and run there.
+    #[test]
+    fn connections_go_to_the_least_busy_thread() {
+        let workers = Workers::start(2).expect("threads");
+        let (seen_tx, seen_rx) = std::sync::mpsc::channel();
+        let (hold_tx, hold_rx) = watch::channel(false);
+        for _ in 0..6 {
+            let seen = seen_tx.clone();
+            let mut hold = hold_rx.clone();
+            workers.spawn(async move {
+                let _ = seen.send(shard());
+                let _ = hold.wait_for(|h| *h).await;
+            });
+        }
+        let mut on = [0usize; 3];
+        for _ in 0..6 {
+            let s = seen_rx
+                .recv_timeout(std::time::Duration::from_secs(5))
+                .expect("task ran");
+            on[s] += 1;
+        }
+        assert_eq!(
+            on,
+            [0, 3, 3],
+            "tasks per thread (none may run off the serving threads)"
+        );
+        let _ = hold_tx.send(true);
+        // Each ended task gives its place back.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while workers.load.iter().any(|l| l.load(Ordering::Relaxed) != 0) {
+            assert!(std::time::Instant::now() < deadline, "loads not released");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+}
