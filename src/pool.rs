@@ -8,6 +8,7 @@
 //! the largest user-space cost on the forwarding path (benches/load/README.md).
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -41,6 +42,8 @@ pub struct Pool {
     /// Idle connections, one list per serving thread (`workers::shard`): a connection's task
     /// runs on the thread that made it, so a request reuses one made on its own thread.
     idle: Box<[Mutex<Vec<Sender>>]>,
+    /// Idle connections in all lists, held to `max_idle` as one pool would be.
+    idle_count: AtomicUsize,
 }
 
 /// Idle lists kept: serving threads beyond this share lists.
@@ -54,6 +57,7 @@ impl Pool {
             connect_timeout,
             max_idle,
             idle: (0..SHARDS).map(|_| Mutex::new(Vec::new())).collect(),
+            idle_count: AtomicUsize::new(0),
         })
     }
 
@@ -87,6 +91,7 @@ impl Pool {
             // No idle clock: the backend closes connections it finds idle too long, hyper
             // notices, and a request that still races such a close is retried above.
             let mut sender = self.lock().pop()?;
+            self.idle_count.fetch_sub(1, Ordering::Relaxed);
             if sender.is_closed() {
                 continue;
             }
@@ -124,9 +129,10 @@ impl Pool {
         if sender.is_closed() {
             return;
         }
-        let mut idle = self.lock();
-        if idle.len() < self.max_idle {
-            idle.push(sender);
+        if self.idle_count.fetch_add(1, Ordering::Relaxed) < self.max_idle {
+            self.lock().push(sender);
+        } else {
+            self.idle_count.fetch_sub(1, Ordering::Relaxed);
         }
     }
 

@@ -2,10 +2,9 @@
 //! handed to it from accept to close, as nginx's and HAProxy's workers do.
 //!
 //! The accept loops hand each new connection to the thread serving the fewest. A connection's
-//! task, the tasks hyper spawns for its HTTP/2 streams and the backend
-//! connections its requests use (the pool keeps one set per thread) all run on one thread, so
-//! a request never waits for a wake-up from another thread, and no task migrates between
-//! cores. The accept loops, reloads and the admin endpoint stay on the main runtime.
+//! task, the tasks hyper spawns for its HTTP/2 streams and the backend connections its
+//! requests use (the pool keeps one idle list per thread) all run on one thread, so a request
+//! never waits for a wake-up from another thread, and no task migrates between cores. The accept loops, reloads and the admin endpoint stay on the main runtime.
 
 use std::cell::Cell;
 use std::future::Future;
