@@ -104,6 +104,8 @@ pub enum StartError {
     Tls(#[from] rustls::Error),
     #[error("cannot start the serving threads: {0}")]
     Threads(std::io::Error),
+    #[error("{0}")]
+    Environment(String),
 }
 
 /// A started gateway: its bound addresses, a handle to stop it, and its task.
@@ -195,7 +197,9 @@ pub async fn start(config_path: &Path) -> Result<Running, StartError> {
 
     let (stop, stop_rx) = watch::channel(false);
     let graceful = Arc::new(GracefulShutdown::new());
-    let workers = Arc::new(Workers::start(Workers::default_count()).map_err(StartError::Threads)?);
+    let pin = Workers::pin_from_env().map_err(StartError::Environment)?;
+    let workers =
+        Arc::new(Workers::start(Workers::default_count(), pin).map_err(StartError::Threads)?);
     // The accept loops run here, on the main runtime; each connection is then served on the
     // least busy serving thread (see `workers`).
     let mut loops = Vec::new();

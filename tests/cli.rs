@@ -265,6 +265,24 @@ fn errors_are_all_reported_at_once() {
     assert!(err.contains("(2 errors)"), "{err}");
 }
 
+#[test]
+fn a_bad_cpu_affinity_switch_stops_serve_naming_the_variable() {
+    let f = fixture();
+    let out = Command::new(BIN)
+        .arg("serve")
+        .arg("-c")
+        .arg(f.gateway_toml())
+        .env("LOGON_GATE_CPU_AFFINITY", "maybe")
+        .output()
+        .expect("run serve");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "serve started with a bad switch");
+    assert!(
+        err.contains("LOGON_GATE_CPU_AFFINITY must be 1, true, on, 0, false or off, not \"maybe\""),
+        "{err}"
+    );
+}
+
 #[tokio::test]
 async fn sigterm_lets_an_in_flight_request_finish() {
     let backend = Backend::start().await;
