@@ -47,7 +47,8 @@ impl HandshakeError {
 
 /// The ServerConfig every connection starts from: TLS 1.2 and 1.3 only, AEAD suites only (the
 /// provider's defaults), ALPN h2 then http/1.1, a shared session cache and ticketer so that
-/// resumption works across connections and survives reloads.
+/// resumption works across connections and survives reloads. `accept` sets the ticket count
+/// per connection (`tickets_for`).
 pub fn base_config(
     provider: Arc<rustls::crypto::CryptoProvider>,
 ) -> Result<Arc<ServerConfig>, rustls::Error> {
@@ -59,6 +60,99 @@ pub fn base_config(
     cfg.session_storage = ServerSessionMemoryCache::new(20_000);
     cfg.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new()?;
     Ok(Arc::new(cfg))
+}
+
+/// TLS 1.3 session tickets sent after a full handshake: two, so that a client can resume two
+/// connections at once (OpenSSL's default, so nginx's and HAProxy's).
+const TICKETS_FULL: usize = 2;
+/// ...and after a client offered a ticket: one, to replace the ticket it just used. OpenSSL
+/// does the same; rustls sends its configured count on every handshake. Each ticket costs the
+/// server an encryption and the client a parse and a store, which shows with clients that
+/// reconnect often (README: session resumption).
+const TICKETS_RESUMED: usize = 1;
+
+/// How many TLS 1.3 tickets to send on a connection whose first bytes are `received`.
+fn tickets_for(received: &[u8]) -> usize {
+    if offers_psk(received) {
+        TICKETS_RESUMED
+    } else {
+        TICKETS_FULL
+    }
+}
+
+/// The `pre_shared_key` extension (RFC 8446 §4.2.11): the client offers a session ticket.
+const EXT_PRE_SHARED_KEY: u16 = 41;
+
+/// True when the ClientHello in `records` (TLS records as received, already accepted by
+/// rustls) offers a pre-shared key. Anything it cannot follow counts as no.
+fn offers_psk(records: &[u8]) -> bool {
+    // The handshake message may span records: gather record bodies until it is whole.
+    let mut joined = Vec::new();
+    let mut rest = records;
+    let message = loop {
+        let Some((&[22, _, _, l1, l2], tail)) = rest.split_first_chunk::<5>() else {
+            return false;
+        };
+        let Some((body, tail)) = tail.split_at_checked(usize::from(u16::from_be_bytes([l1, l2])))
+        else {
+            return false;
+        };
+        rest = tail;
+        let whole = |m: &[u8]| m.len() >= 4 && m.len() >= 4 + u24(&m[1..4]);
+        if joined.is_empty() && whole(body) {
+            break body;
+        }
+        joined.extend_from_slice(body);
+        if whole(&joined) {
+            break joined.as_slice();
+        }
+    };
+    client_hello_extensions(message).is_some_and(|mut exts| exts.any(|t| t == EXT_PRE_SHARED_KEY))
+}
+
+fn u24(b: &[u8]) -> usize {
+    (usize::from(b[0]) << 16) | (usize::from(b[1]) << 8) | usize::from(b[2])
+}
+
+/// The extension types of a ClientHello handshake message (RFC 8446 §4.1.2).
+fn client_hello_extensions(message: &[u8]) -> Option<impl Iterator<Item = u16> + '_> {
+    let (&[1, a, b, c], body) = message.split_first_chunk::<4>()? else {
+        return None;
+    };
+    let mut r = Reader(body.get(..u24(&[a, b, c]))?);
+    r.take(2 + 32)?; // legacy_version, random
+    r.vec8()?; // legacy_session_id
+    r.vec16()?; // cipher_suites
+    r.vec8()?; // legacy_compression_methods
+    let mut exts = Reader(r.vec16()?);
+    Some(std::iter::from_fn(move || {
+        let kind = exts.u16()?;
+        exts.vec16()?;
+        Some(kind)
+    }))
+}
+
+/// Reads a TLS structure front to back.
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let (head, tail) = self.0.split_at_checked(n)?;
+        self.0 = tail;
+        Some(head)
+    }
+    fn u16(&mut self) -> Option<u16> {
+        let b = self.take(2)?;
+        Some(u16::from_be_bytes([b[0], b[1]]))
+    }
+    fn vec8(&mut self) -> Option<&'a [u8]> {
+        let n = self.take(1)?[0];
+        self.take(usize::from(n))
+    }
+    fn vec16(&mut self) -> Option<&'a [u8]> {
+        let n = self.u16()?;
+        self.take(usize::from(n))
+    }
 }
 
 /// The certificate chosen for this connection from its ClientHello.
@@ -160,9 +254,178 @@ where
     // 421 check later compares against what the client really saw, even across a reload.
     let mut config = (**base).clone();
     config.cert_resolver = Arc::new(Chosen(Some(entry.key.clone())));
+    config.send_tls13_tickets = tickets_for(&received);
     drop(start);
     let stream = crate::tls_stream::handshake(io, received, Arc::new(config))
         .await
         .map_err(HandshakeError::Protocol)?;
     Ok((stream, sni, entry))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls::client::{ClientSessionMemoryCache, ClientSessionStore, Resumption};
+    use rustls::pki_types::{CertificateDer, ServerName};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::AsyncReadExt;
+
+    /// A client session store that counts the TLS 1.3 tickets it is given.
+    #[derive(Debug)]
+    struct Counting {
+        inner: ClientSessionMemoryCache,
+        tickets: AtomicUsize,
+    }
+
+    impl ClientSessionStore for Counting {
+        fn set_kx_hint(&self, n: ServerName<'static>, g: rustls::NamedGroup) {
+            self.inner.set_kx_hint(n, g)
+        }
+        fn kx_hint(&self, n: &ServerName<'_>) -> Option<rustls::NamedGroup> {
+            self.inner.kx_hint(n)
+        }
+        fn set_tls12_session(
+            &self,
+            n: ServerName<'static>,
+            v: rustls::client::Tls12ClientSessionValue,
+        ) {
+            self.inner.set_tls12_session(n, v)
+        }
+        fn tls12_session(
+            &self,
+            n: &ServerName<'_>,
+        ) -> Option<rustls::client::Tls12ClientSessionValue> {
+            self.inner.tls12_session(n)
+        }
+        fn remove_tls12_session(&self, n: &ServerName<'static>) {
+            self.inner.remove_tls12_session(n)
+        }
+        fn insert_tls13_ticket(
+            &self,
+            n: ServerName<'static>,
+            v: rustls::client::Tls13ClientSessionValue,
+        ) {
+            self.tickets.fetch_add(1, Ordering::Relaxed);
+            self.inner.insert_tls13_ticket(n, v)
+        }
+        fn take_tls13_ticket(
+            &self,
+            n: &ServerName<'static>,
+        ) -> Option<rustls::client::Tls13ClientSessionValue> {
+            self.inner.take_tls13_ticket(n)
+        }
+    }
+
+    struct Setup {
+        base: Arc<ServerConfig>,
+        entry: Arc<CertEntry>,
+        client: Arc<rustls::ClientConfig>,
+        store: Arc<Counting>,
+    }
+
+    fn setup() -> Setup {
+        let pki = crate::pki::Pki::new("tls test CA").expect("CA");
+        let leaf = pki.issue(&["tls.test"]).expect("leaf");
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let entry =
+            crate::certs::load_pair(leaf.cert_pem.as_bytes(), leaf.key_pem.as_bytes(), &provider)
+                .expect("pair");
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(CertificateDer::from(pki.ca_der())).expect("root");
+        let store = Arc::new(Counting {
+            inner: ClientSessionMemoryCache::new(8),
+            tickets: AtomicUsize::new(0),
+        });
+        let mut client = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        client.resumption = Resumption::store(store.clone());
+        Setup {
+            base: base_config(provider).expect("base config"),
+            entry: Arc::new(entry),
+            client: Arc::new(client),
+            store,
+        }
+    }
+
+    /// One connection through `accept`: returns whether the client resumed and the tickets
+    /// it was given (read before the server's first application data).
+    async fn connect(s: &Setup) -> (bool, usize) {
+        let before = s.store.tickets.load(Ordering::Relaxed);
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let connector = tokio_rustls::TlsConnector::from(s.client.clone());
+        let name = ServerName::try_from("tls.test").expect("name");
+        let entry = s.entry.clone();
+        let server = async {
+            let (mut stream, _, _) = accept(a, &s.base, |_| Some(entry))
+                .await
+                .expect("server handshake");
+            stream.write_all(b"hi").await.expect("write");
+            stream.flush().await.expect("flush");
+            stream
+        };
+        let (_server, client) = tokio::join!(server, connector.connect(name, b));
+        let mut client = client.expect("client handshake");
+        let mut hi = [0; 2];
+        client.read_exact(&mut hi).await.expect("read");
+        let resumed = client.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+        (resumed, s.store.tickets.load(Ordering::Relaxed) - before)
+    }
+
+    #[tokio::test]
+    async fn two_tickets_after_a_full_handshake_one_after_a_resumed_one() {
+        let s = setup();
+        assert_eq!(connect(&s).await, (false, TICKETS_FULL), "first connection");
+        assert_eq!(
+            connect(&s).await,
+            (true, TICKETS_RESUMED),
+            "resumed connection"
+        );
+        assert_eq!(connect(&s).await, (true, TICKETS_RESUMED), "resumed again");
+    }
+
+    /// The first flight of a client connection (its ClientHello records).
+    fn client_hello(s: &Setup) -> Vec<u8> {
+        let name = ServerName::try_from("tls.test").expect("name");
+        let mut c = rustls::ClientConnection::new(s.client.clone(), name).expect("client");
+        let mut out = Vec::new();
+        while c.wants_write() {
+            c.write_tls(&mut out).expect("write_tls");
+        }
+        out
+    }
+
+    /// Splits a single-record flight into two records at `at` bytes of its body.
+    fn split_record(flight: &[u8], at: usize) -> Vec<u8> {
+        let body = &flight[5..];
+        let mut out = Vec::new();
+        for part in [&body[..at], &body[at..]] {
+            out.extend_from_slice(&flight[..3]);
+            out.extend_from_slice(&(part.len() as u16).to_be_bytes());
+            out.extend_from_slice(part);
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn a_ticket_offer_is_seen_in_one_record_or_several() {
+        let s = setup();
+        let fresh = client_hello(&s);
+        assert!(!offers_psk(&fresh), "no ticket yet");
+        connect(&s).await;
+        let offer = client_hello(&s);
+        assert!(offers_psk(&offer), "ticket offered");
+        for at in [1, 3, 4, 40, offer.len() - 6] {
+            assert!(offers_psk(&split_record(&offer, at)), "split at {at}");
+        }
+        for at in [1, 3, 4, 40, fresh.len() - 6] {
+            assert!(!offers_psk(&split_record(&fresh, at)), "split at {at}");
+        }
+        // Cut short, or not a handshake at all: no.
+        assert!(!offers_psk(&offer[..offer.len() - 1]));
+        assert!(!offers_psk(b"GET / HTTP/1.1\r\n\r\n"));
+        assert!(!offers_psk(&[]));
+    }
 }
