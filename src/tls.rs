@@ -84,7 +84,8 @@ fn tickets_for(received: &[u8]) -> usize {
 const EXT_PRE_SHARED_KEY: u16 = 41;
 
 /// True when the ClientHello in `records` (TLS records as received, already accepted by
-/// rustls) offers a pre-shared key. Anything it cannot follow counts as no.
+/// rustls) offers a pre-shared key. Anything it cannot follow counts as no. Read here because
+/// rustls' `ClientHello` does not say whether a ticket was offered.
 fn offers_psk(records: &[u8]) -> bool {
     // The handshake message may span records: gather record bodies until it is whole.
     let mut joined = Vec::new();

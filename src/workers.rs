@@ -100,15 +100,12 @@ impl Workers {
     /// Whether to pin serving threads to CPUs: `LOGON_GATE_CPU_AFFINITY` (`1`, `true`, `on`;
     /// `0`, `false`, `off` or unset for no). Anything else is an error naming the variable.
     pub fn pin_from_env() -> Result<bool, String> {
-        match std::env::var(AFFINITY_VAR) {
-            Err(std::env::VarError::NotPresent) => Ok(false),
-            Ok(v) => parse_switch(&v).ok_or_else(|| {
-                format!("{AFFINITY_VAR} must be 1, true, on, 0, false or off, not {v:?}")
-            }),
-            Err(std::env::VarError::NotUnicode(v)) => Err(format!(
-                "{AFFINITY_VAR} must be 1, true, on, 0, false or off, not {v:?}"
-            )),
-        }
+        let Some(v) = std::env::var_os(AFFINITY_VAR) else {
+            return Ok(false);
+        };
+        v.to_str().and_then(parse_switch).ok_or_else(|| {
+            format!("{AFFINITY_VAR} must be 1, true, on, 0, false or off, not {v:?}")
+        })
     }
 
     /// Serves a connection's task on the thread with the fewest connections.
