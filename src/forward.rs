@@ -245,6 +245,9 @@ pub fn peer_parts(peer: SocketAddr) -> (HeaderValue, Box<str>) {
 }
 
 fn set_proxy_headers(headers: &mut HeaderMap, client: &ClientSide<'_>) {
+    // Room for the six headers below at once: a map sized for the client's headers would
+    // otherwise grow (reallocate and rehash) partway through, on most requests.
+    headers.reserve(6);
     match headers.get(&X_FORWARDED_FOR) {
         Some(prev) if !prev.as_bytes().trim_ascii().is_empty() => {
             let mut all: Vec<&str> = headers
