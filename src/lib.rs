@@ -28,6 +28,7 @@ pub mod policy;
 pub mod pool;
 pub mod reload;
 pub mod server;
+pub mod streams;
 pub mod table;
 pub mod tls;
 pub mod tls_stream;

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use rustls::ServerConfig;
@@ -23,6 +23,7 @@ use tokio::task::JoinHandle;
 use crate::config::{ConfigError, Limits};
 use crate::forward::Upstream;
 use crate::handler::{self, Conn};
+use crate::streams::StreamExec;
 use crate::table::{Loader, Table};
 use crate::workers::Workers;
 
@@ -417,7 +418,8 @@ where
     IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     let limits = conn.gateway.snapshot().table.settings.limits;
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+    let exec = StreamExec::default();
+    let mut builder = auto::Builder::new(exec.clone());
     builder = match h2 {
         Some(true) => builder.http2_only(),
         Some(false) => builder.http1_only(),
@@ -428,7 +430,7 @@ where
     let svc = service_fn(move |req| handler::handle(svc_conn.clone(), req));
     let served = builder.serve_connection_with_upgrades(io, svc).into_owned();
     tokio::select! {
-        r = watcher.watch(served) => if let Err(e) = r {
+        r = exec.run(watcher.watch(served)) => if let Err(e) = r {
             tracing::debug!(peer = %conn.peer, error = %e, "connection ended with an error");
         },
         // Dropping the connection closes it: the client's streams end with it.
@@ -438,7 +440,7 @@ where
     }
 }
 
-fn configure(builder: &mut auto::Builder<TokioExecutor>, limits: &Limits) {
+fn configure(builder: &mut auto::Builder<StreamExec>, limits: &Limits) {
     builder
         .http1()
         .timer(TokioTimer::new())

@@ -3,6 +3,8 @@
 
 mod support;
 
+use std::time::Duration;
+
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use http::StatusCode;
@@ -424,4 +426,78 @@ async fn backend_connections_are_pooled_and_closed_ones_replaced() {
         );
     }
     gw.stop().await.expect("gateway task");
+}
+
+/// One GET on an HTTP/2 connection shared with other requests.
+fn h2_get(
+    send: &hyper::client::conn::http2::SendRequest<http_body_util::Full<Bytes>>,
+    path: &str,
+) -> impl std::future::Future<Output = Result<(StatusCode, Bytes), hyper::Error>> + use<> {
+    use http_body_util::BodyExt;
+    let mut send = send.clone();
+    let req = http::Request::builder()
+        .uri(format!("https://webmail.example.net{path}"))
+        .version(http::Version::HTTP_2)
+        .body(http_body_util::Full::new(Bytes::new()))
+        .expect("request");
+    async move {
+        let resp = send.send_request(req).await?;
+        let status = resp.status();
+        let body = resp.into_body().collect().await?.to_bytes();
+        Ok((status, body))
+    }
+}
+
+// The streams of an HTTP/2 connection are polled by the connection's own task
+// (src/streams.rs); none of them may wait for another.
+#[tokio::test]
+async fn http2_streams_on_one_connection_do_not_wait_for_each_other() {
+    let backend = Backend::start().await;
+    let f = Fixture::new(&backend.url(), "");
+    let gw = f.start().await;
+    let https = gw.https.expect("https");
+    let Client::H2(send) = https_client(https, &f.pki.ca_der(), "webmail.example.net", true).await
+    else {
+        panic!("ALPN h2 gave an HTTP/1.1 client");
+    };
+    let slow = tokio::spawn(h2_get(&send, "/slow?ms=2500"));
+    let quick = (0..40).map(|i| h2_get(&send, &format!("/slow?ms={}", i % 4)));
+    for r in futures_util::future::join_all(quick).await {
+        let (status, body) = r.expect("quick request");
+        assert_eq!((status, &body[..]), (StatusCode::OK, &b"slow done"[..]));
+    }
+    assert!(
+        !slow.is_finished(),
+        "the quick requests finished only after the slow one"
+    );
+    let (status, body) = slow.await.expect("task").expect("slow request");
+    assert_eq!((status, &body[..]), (StatusCode::OK, &b"slow done"[..]));
+    gw.stop().await.expect("gateway task");
+}
+
+#[tokio::test]
+async fn a_graceful_stop_lets_in_flight_http2_streams_finish() {
+    let backend = Backend::start().await;
+    let f = Fixture::new(&backend.url(), "");
+    let gw = f.start().await;
+    let https = gw.https.expect("https");
+    let Client::H2(send) = https_client(https, &f.pki.ca_der(), "webmail.example.net", true).await
+    else {
+        panic!("ALPN h2 gave an HTTP/1.1 client");
+    };
+    let in_flight: Vec<_> = (0..3)
+        .map(|_| tokio::spawn(h2_get(&send, "/slow?ms=700")))
+        .collect();
+    let arrived = eventually(Duration::from_secs(5), || {
+        let n = backend.hits();
+        async move { n >= 3 }
+    })
+    .await;
+    assert!(arrived, "the requests never reached the backend");
+    let stop = tokio::spawn(gw.stop());
+    for t in in_flight {
+        let (status, body) = t.await.expect("task").expect("in-flight request");
+        assert_eq!((status, &body[..]), (StatusCode::OK, &b"slow done"[..]));
+    }
+    stop.await.expect("join").expect("gateway task");
 }
