@@ -198,6 +198,19 @@ static HOP_BY_HOP: [HeaderName; 8] = [
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1), including any the Connection header names,
 /// and `Upgrade` (re-added by the caller for a real upgrade).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // One pass over the names finds which are there: a removal by name is a hash lookup, and
+    // nearly every message carries at most `Connection` of the nine.
+    let mut present = [false; HOP_BY_HOP.len() + 1];
+    for k in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == k) {
+            present[i] = true;
+        } else if k == header::UPGRADE {
+            present[HOP_BY_HOP.len()] = true;
+        }
+    }
+    if !present.contains(&true) {
+        return;
+    }
     // Only unusual tokens need a HeaderName built (an allocation); `close`, `keep-alive` and
     // `upgrade`, nearly all that is ever sent, are covered by the fixed list below.
     let mut named: Vec<HeaderName> = Vec::new();
@@ -216,10 +229,12 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for n in named {
         headers.remove(n);
     }
-    for h in &HOP_BY_HOP {
+    for (h, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, p)| *p) {
         headers.remove(h);
     }
-    headers.remove(header::UPGRADE);
+    if present[HOP_BY_HOP.len()] {
+        headers.remove(header::UPGRADE);
+    }
 }
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -306,6 +321,23 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1, "{h:?}");
         assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn each_hop_by_hop_header_is_removed_on_its_own() {
+        let names = HOP_BY_HOP.iter().chain([&header::UPGRADE]);
+        for name in names {
+            let mut h = HeaderMap::new();
+            h.append(name, HeaderValue::from_static("x"));
+            h.append(name, HeaderValue::from_static("y"));
+            h.insert("x-kept", HeaderValue::from_static("1"));
+            strip_hop_by_hop(&mut h);
+            assert_eq!(h.len(), 1, "{name}: {h:?}");
+        }
+        let mut h = HeaderMap::new();
+        h.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
     }
 
     #[test]
