@@ -8,11 +8,13 @@
 //! out in one write.
 
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 
+use futures_util::FutureExt;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use futures_util::task::AtomicWaker;
 
@@ -42,7 +44,9 @@ where
             .inbox
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .push(Box::pin(fut));
+            // A stream that panics ends alone, as it did as a task of its own; the panic hook
+            // has reported it by then. Unwinding costs nothing until something panics.
+            .push(Box::pin(AssertUnwindSafe(fut).catch_unwind().map(drop)));
         // hyper spawns streams while the connection is being polled, and that poll drains the
         // inbox right after: waking the task then would only poll it once more for nothing.
         if !self.shared.polling.load(Ordering::Acquire) {
@@ -136,6 +140,31 @@ mod tests {
         assert!(
             finished.try_recv().is_ok(),
             "the stream did not run to its end"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stream_that_panics_ends_alone() {
+        let exec = StreamExec::default();
+        let (end_conn, conn_ends) = oneshot::channel::<()>();
+        let run = tokio::spawn(exec.clone().run(async move {
+            let _ = conn_ends.await;
+            "conn done"
+        }));
+        let (release, held) = oneshot::channel::<()>();
+        let (tx, rx) = oneshot::channel();
+        exec.execute(async move {
+            let _ = held.await;
+            let _ = tx.send("survivor done");
+        });
+        exec.execute(async { panic!("a stream's own bug") });
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        release.send(()).expect("survivor alive");
+        assert_eq!(rx.await.ok(), Some("survivor done"));
+        end_conn.send(()).expect("conn alive");
+        assert_eq!(
+            run.await.expect("the connection's task panicked"),
+            "conn done"
         );
     }
 
