@@ -4,8 +4,7 @@
 //! own: spawned, scheduled and woken separately from the connection task that reads and writes
 //! its frames, so a request crosses two task switches on the client side alone. Here the
 //! connection's future polls its streams itself ([`WithStreams`]): a stream that finishes its
-//! response hands it to the connection in the same poll, and responses that finish together go
-//! out in one write.
+//! response hands it to the connection without waking another task.
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
