@@ -184,7 +184,8 @@ fn wants_upgrade(headers: &HeaderMap) -> Option<HeaderValue> {
     }
 }
 
-static HOP_BY_HOP: [HeaderName; 8] = [
+/// The hop-by-hop headers, and `Upgrade` (re-added by the caller for a real upgrade).
+static HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -193,6 +194,7 @@ static HOP_BY_HOP: [HeaderName; 8] = [
     header::TE,
     header::TRAILER,
     header::TRANSFER_ENCODING,
+    header::UPGRADE,
 ];
 
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1), including any the Connection header names,
@@ -200,12 +202,10 @@ static HOP_BY_HOP: [HeaderName; 8] = [
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // One pass over the names finds which are there: a removal by name is a hash lookup, and
     // nearly every message carries at most `Connection` of the nine.
-    let mut present = [false; HOP_BY_HOP.len() + 1];
+    let mut present = [false; HOP_BY_HOP.len()];
     for k in headers.keys() {
         if let Some(i) = HOP_BY_HOP.iter().position(|h| h == k) {
             present[i] = true;
-        } else if k == header::UPGRADE {
-            present[HOP_BY_HOP.len()] = true;
         }
     }
     if !present.contains(&true) {
@@ -231,9 +231,6 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
     for (h, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, p)| *p) {
         headers.remove(h);
-    }
-    if present[HOP_BY_HOP.len()] {
-        headers.remove(header::UPGRADE);
     }
 }
 
@@ -325,8 +322,7 @@ mod tests {
 
     #[test]
     fn each_hop_by_hop_header_is_removed_on_its_own() {
-        let names = HOP_BY_HOP.iter().chain([&header::UPGRADE]);
-        for name in names {
+        for name in &HOP_BY_HOP {
             let mut h = HeaderMap::new();
             h.append(name, HeaderValue::from_static("x"));
             h.append(name, HeaderValue::from_static("y"));

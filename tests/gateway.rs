@@ -428,9 +428,24 @@ async fn backend_connections_are_pooled_and_closed_ones_replaced() {
     gw.stop().await.expect("gateway task");
 }
 
+type H2Send = hyper::client::conn::http2::SendRequest<http_body_util::Full<Bytes>>;
+
+/// A backend, the gateway in front of it and one HTTP/2 connection to it.
+async fn h2_gateway() -> (Backend, Fixture, logon_gate::server::Running, H2Send) {
+    let backend = Backend::start().await;
+    let f = Fixture::new(&backend.url(), "");
+    let gw = f.start().await;
+    let https = gw.https.expect("https");
+    let Client::H2(send) = https_client(https, &f.pki.ca_der(), "webmail.example.net", true).await
+    else {
+        panic!("ALPN h2 gave an HTTP/1.1 client");
+    };
+    (backend, f, gw, send)
+}
+
 /// One GET on an HTTP/2 connection shared with other requests.
 fn h2_get(
-    send: &hyper::client::conn::http2::SendRequest<http_body_util::Full<Bytes>>,
+    send: &H2Send,
     path: &str,
 ) -> impl std::future::Future<Output = Result<(StatusCode, Bytes), hyper::Error>> + use<> {
     use http_body_util::BodyExt;
@@ -452,14 +467,7 @@ fn h2_get(
 // (src/streams.rs); none of them may wait for another.
 #[tokio::test]
 async fn http2_streams_on_one_connection_do_not_wait_for_each_other() {
-    let backend = Backend::start().await;
-    let f = Fixture::new(&backend.url(), "");
-    let gw = f.start().await;
-    let https = gw.https.expect("https");
-    let Client::H2(send) = https_client(https, &f.pki.ca_der(), "webmail.example.net", true).await
-    else {
-        panic!("ALPN h2 gave an HTTP/1.1 client");
-    };
+    let (_backend, _f, gw, send) = h2_gateway().await;
     let slow = tokio::spawn(h2_get(&send, "/slow?ms=2500"));
     let quick = (0..40).map(|i| h2_get(&send, &format!("/slow?ms={}", i % 4)));
     for r in futures_util::future::join_all(quick).await {
@@ -477,14 +485,7 @@ async fn http2_streams_on_one_connection_do_not_wait_for_each_other() {
 
 #[tokio::test]
 async fn a_graceful_stop_lets_in_flight_http2_streams_finish() {
-    let backend = Backend::start().await;
-    let f = Fixture::new(&backend.url(), "");
-    let gw = f.start().await;
-    let https = gw.https.expect("https");
-    let Client::H2(send) = https_client(https, &f.pki.ca_der(), "webmail.example.net", true).await
-    else {
-        panic!("ALPN h2 gave an HTTP/1.1 client");
-    };
+    let (backend, _f, gw, send) = h2_gateway().await;
     let in_flight: Vec<_> = (0..3)
         .map(|_| tokio::spawn(h2_get(&send, "/slow?ms=700")))
         .collect();
