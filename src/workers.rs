@@ -6,13 +6,20 @@
 //! requests use (the pool keeps one idle list per thread) all run on one thread, so a request
 //! never waits for a wake-up from another thread, and no task migrates between cores. The accept loops, reloads and the admin endpoint stay on the main runtime.
 //!
+//! When the scheduler puts two busy serving threads on one core, the one it preempts waits a
+//! whole scheduler tick (4 ms on a 250 Hz kernel) with all its connections, which was the
+//! HTTP/1.1 p99 under load. So each serving thread publishes the CPU it runs on, and every
+//! [`CHECK_EVERY`] requests yields that CPU if another serving thread, awake, was last seen
+//! on it: two threads stacked on one core then take turns every few requests instead of every
+//! tick, as one thread serving both halves would.
+//!
 //! With `LOGON_GATE_CPU_AFFINITY=1` each serving thread is also pinned to one CPU (as nginx's
 //! `worker_cpu_affinity auto` or HAProxy's `cpu-map` do). Off by default: on a dedicated host
 //! it cuts the HTTP/1.1 tail latency (the scheduler no longer stacks two serving threads on
 //! one core), but on a host whose cores are busy with other processes a pinned thread cannot
 //! move away from them (benches/load/README.md has both measurements).
 
-use std::cell::Cell;
+use std::cell::{Cell, OnceCell};
 use std::future::Future;
 use std::io;
 use std::sync::Arc;
@@ -24,6 +31,74 @@ use tokio::sync::watch;
 thread_local! {
     /// 1 + this thread's index among the serving threads; 0 on any other thread.
     static SHARD: Cell<usize> = const { Cell::new(0) };
+    /// On a serving thread: where its fellow serving threads were last seen.
+    static PEERS: OnceCell<Seen> = const { OnceCell::new() };
+    /// Requests this thread has started, for [`checkpoint`].
+    static REQUESTS: Cell<u32> = const { Cell::new(0) };
+}
+
+/// Per serving thread, the CPU it was last seen running on, or [`ASLEEP`].
+type Seen = Arc<[AtomicUsize]>;
+
+/// Published by a serving thread that waits for events: it wants no CPU.
+const ASLEEP: usize = usize::MAX;
+
+/// How many requests a serving thread starts between two looks at where its peers are. At
+/// about 30,000 requests per second and thread, 16 is a look every half millisecond: well
+/// below the 4 ms a preempted thread otherwise waits, for one `sched_getcpu` (vDSO) per 16
+/// requests and a `sched_yield` only when stacked. (4, 8, 16 and 32 all gave an HTTP/1.1 p99
+/// of 1.4 to 2.2 ms; benches/load/README.md.)
+pub const CHECK_EVERY: u32 = 16;
+
+/// Called as each request starts. Every [`CHECK_EVERY`] requests on a serving thread, yields
+/// the CPU if another serving thread is waiting for it (see the module doc). Returns whether
+/// it yielded.
+pub fn checkpoint() -> bool {
+    let me = shard();
+    if me == 0 {
+        return false;
+    }
+    let n = REQUESTS.with(|r| {
+        let n = r.get().wrapping_add(1);
+        r.set(n);
+        n
+    });
+    if !n.is_multiple_of(CHECK_EVERY) {
+        return false;
+    }
+    PEERS.with(|p| p.get().is_some_and(|seen| yield_if_stacked(seen, me - 1)))
+}
+
+/// Publishes where thread `me` runs and yields if another awake thread was last seen there.
+fn yield_if_stacked(seen: &[AtomicUsize], me: usize) -> bool {
+    let Ok(cpu) = nix::sched::sched_getcpu() else {
+        return false;
+    };
+    seen[me].store(cpu, Ordering::Relaxed);
+    if !other_on(seen, me, cpu) {
+        return false;
+    }
+    // A peer that is awake (it has not parked) and last ran here, where this thread runs now,
+    // is waiting for this CPU. A stale entry (it has moved since) costs one yield to whatever
+    // else waits here, or nothing if nothing does.
+    let _ = nix::sched::sched_yield();
+    true
+}
+
+/// Whether a thread other than `me` was last seen awake on `cpu`.
+fn other_on(seen: &[AtomicUsize], me: usize, cpu: usize) -> bool {
+    cpu != ASLEEP
+        && seen
+            .iter()
+            .enumerate()
+            .any(|(k, s)| k != me && s.load(Ordering::Relaxed) == cpu)
+}
+
+/// Publishes that serving thread `i` is awake on the CPU it runs on now.
+fn publish_awake(seen: &[AtomicUsize], i: usize) {
+    if let Ok(cpu) = nix::sched::sched_getcpu() {
+        seen[i].store(cpu, Ordering::Relaxed);
+    }
 }
 
 /// Which serving thread this is (1-based), or 0 on any other thread: for per-thread state.
@@ -58,17 +133,26 @@ impl Workers {
         let (done, done_rx) = watch::channel(false);
         let mut handles = Vec::new();
         let cpus = if pin { allowed_cpus()? } else { Vec::new() };
-        for i in 0..n.max(1) {
+        let n = n.max(1);
+        let seen: Seen = (0..n).map(|_| AtomicUsize::new(ASLEEP)).collect();
+        for i in 0..n {
+            let (parks, unparks) = (seen.clone(), seen.clone());
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
+                .on_thread_park(move || parks[i].store(ASLEEP, Ordering::Relaxed))
+                .on_thread_unpark(move || publish_awake(&unparks, i))
                 .build()?;
             handles.push(rt.handle().clone());
             let mut done_rx = done_rx.clone();
             let cpu = (!cpus.is_empty()).then(|| cpus[i % cpus.len()]);
+            let peers = seen.clone();
             std::thread::Builder::new()
                 .name(format!("logon-gate-{i}"))
                 .spawn(move || {
                     SHARD.with(|s| s.set(i + 1));
+                    PEERS.with(|p| {
+                        let _ = p.set(peers);
+                    });
                     if let Some(cpu) = cpu
                         && let Err(e) = pin_current_thread(cpu)
                     {
@@ -240,6 +324,53 @@ mod tests {
             .collect();
         assert_eq!(got, want, "(thread, CPUs it may run on)");
         let _ = hold_tx.send(true);
+    }
+
+    /// Only another thread, awake and last seen on this CPU, counts as waiting for it.
+    #[test]
+    fn a_peer_counts_as_waiting_only_on_this_cpu_and_awake() {
+        let seen: Seen = [3, ASLEEP, 5].map(AtomicUsize::new).into();
+        assert!(!other_on(&seen, 0, 3), "this thread itself");
+        assert!(other_on(&seen, 1, 3), "thread 0 was seen on CPU 3");
+        assert!(other_on(&seen, 0, 5), "thread 2 was seen on CPU 5");
+        assert!(!other_on(&seen, 0, 4), "nobody on CPU 4");
+        assert!(!other_on(&seen, 0, ASLEEP), "an asleep thread wants no CPU");
+    }
+
+    /// Two busy threads on one CPU yield to each other; on two CPUs they never do.
+    #[test]
+    fn stacked_threads_yield_and_apart_they_do_not() {
+        let allowed = allowed_cpus().expect("affinity readable");
+        let run = |cpus: [usize; 2]| -> [u32; 2] {
+            let seen: Seen = (0..2).map(|_| AtomicUsize::new(ASLEEP)).collect();
+            let until = std::time::Instant::now() + std::time::Duration::from_millis(300);
+            let threads: Vec<_> = (0..2)
+                .map(|i| {
+                    let seen = seen.clone();
+                    std::thread::spawn(move || {
+                        pin_current_thread(cpus[i]).expect("pin");
+                        let mut yields = 0;
+                        while std::time::Instant::now() < until {
+                            yields += u32::from(yield_if_stacked(&seen, i));
+                        }
+                        yields
+                    })
+                })
+                .collect();
+            let mut out = [0; 2];
+            for (o, t) in out.iter_mut().zip(threads) {
+                *o = t.join().expect("thread");
+            }
+            out
+        };
+        let [a, b] = run([allowed[0], allowed[0]]);
+        assert!(
+            a > 0 && b > 0,
+            "both threads on one CPU: {a} and {b} yields"
+        );
+        if let Some(&other) = allowed.get(1) {
+            assert_eq!(run([allowed[0], other]), [0, 0], "threads on two CPUs");
+        }
     }
 
     #[test]
