@@ -6,12 +6,14 @@
 //! requests use (the pool keeps one idle list per thread) all run on one thread, so a request
 //! never waits for a wake-up from another thread, and no task migrates between cores. The accept loops, reloads and the admin endpoint stay on the main runtime.
 //!
-//! When the scheduler puts two busy serving threads on one core, the one it preempts waits a
-//! whole scheduler tick (4 ms on a 250 Hz kernel) with all its connections, which was the
-//! HTTP/1.1 p99 under load. So each serving thread publishes the CPU it runs on, and every
-//! [`CHECK_EVERY`] requests yields that CPU if another serving thread, awake, was last seen
-//! on it: two threads stacked on one core then take turns every few requests instead of every
-//! tick, as one thread serving both halves would.
+//! A serving thread that has run for [`SLICE`] without sleeping offers its core to whatever
+//! else waits for it (`sched_yield`), checked every [`CHECK_EVERY`] requests. Otherwise the
+//! scheduler lets it run until its tick (4 ms on a 250 Hz kernel) while what waits holds up
+//! requests: the other serving thread, when the scheduler stacks both on one core (each
+//! such wait stalled the 25 connections it serves: the HTTP/1.1 p99 was 4.4 ms), or the
+//! backend, whose answers the thread then waits for in turn (HTTP/2 throughput). Whether the
+//! thread slept is read from its count of voluntary context switches: tokio's park hooks
+//! also run when the thread only looked for events and found some, without sleeping.
 //!
 //! With `LOGON_GATE_CPU_AFFINITY=1` each serving thread is also pinned to one CPU (as nginx's
 //! `worker_cpu_affinity auto` or HAProxy's `cpu-map` do). Off by default: on a dedicated host
@@ -19,11 +21,12 @@
 //! one core), but on a host whose cores are busy with other processes a pinned thread cannot
 //! move away from them (benches/load/README.md has both measurements).
 
-use std::cell::{Cell, OnceCell};
+use std::cell::Cell;
 use std::future::Future;
 use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use tokio::runtime::Handle;
 use tokio::sync::watch;
@@ -31,31 +34,26 @@ use tokio::sync::watch;
 thread_local! {
     /// 1 + this thread's index among the serving threads; 0 on any other thread.
     static SHARD: Cell<usize> = const { Cell::new(0) };
-    /// On a serving thread: where its fellow serving threads were last seen.
-    static PEERS: OnceCell<Seen> = const { OnceCell::new() };
     /// Requests this thread has started, for [`checkpoint`].
     static REQUESTS: Cell<u32> = const { Cell::new(0) };
+    /// At the last look: the thread's voluntary context switches (how often it slept), and
+    /// since when it has run without sleeping (as far as the looks can tell).
+    static RUNNING: Cell<(std::ffi::c_long, Option<Instant>)> = const { Cell::new((-1, None)) };
 }
 
-/// Per serving thread, the CPU it was last seen running on, or [`ASLEEP`].
-type Seen = Arc<[AtomicUsize]>;
+/// How long a serving thread runs without sleeping before it offers its core. 0.25, 0.5 and
+/// 1 ms measured alike (benches/load/README.md); all are well below the scheduler's 4 ms tick.
+pub const SLICE: Duration = Duration::from_micros(500);
 
-/// Published by a serving thread that waits for events: it wants no CPU.
-const ASLEEP: usize = usize::MAX;
-
-/// How many requests a serving thread starts between two looks at where its peers are. At
-/// about 30,000 requests per second and thread, 16 is a look every half millisecond: well
-/// below the 4 ms a preempted thread otherwise waits, for one `sched_getcpu` (vDSO) per 16
-/// requests and a `sched_yield` only when stacked. (4, 8, 16 and 32 all gave an HTTP/1.1 p99
-/// of 1.4 to 2.2 ms; benches/load/README.md.)
+/// How many requests a serving thread starts between two looks: about every 0.3 to 1 ms at
+/// this machine's load, for a `getrusage` call and a vDSO clock read per 16 requests.
 pub const CHECK_EVERY: u32 = 16;
 
 /// Called as each request starts. Every [`CHECK_EVERY`] requests on a serving thread, yields
-/// the CPU if another serving thread is waiting for it (see the module doc). Returns whether
-/// it yielded.
+/// the core if the thread has run for [`SLICE`] without sleeping (see the module doc).
+/// Returns whether it yielded.
 pub fn checkpoint() -> bool {
-    let me = shard();
-    if me == 0 {
+    if shard() == 0 {
         return false;
     }
     let n = REQUESTS.with(|r| {
@@ -66,39 +64,29 @@ pub fn checkpoint() -> bool {
     if !n.is_multiple_of(CHECK_EVERY) {
         return false;
     }
-    PEERS.with(|p| p.get().is_some_and(|seen| yield_if_stacked(seen, me - 1)))
-}
-
-/// Publishes where thread `me` runs and yields if another awake thread was last seen there.
-fn yield_if_stacked(seen: &[AtomicUsize], me: usize) -> bool {
-    let Ok(cpu) = nix::sched::sched_getcpu() else {
+    let Ok(usage) = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_THREAD)
+    else {
         return false;
     };
-    seen[me].store(cpu, Ordering::Relaxed);
-    if !other_on(seen, me, cpu) {
+    let slept = usage.voluntary_context_switches();
+    let now = Instant::now();
+    let (last_slept, since) = RUNNING.with(Cell::get);
+    if !slice_over(slept != last_slept, since, now) {
+        if slept != last_slept {
+            RUNNING.with(|r| r.set((slept, Some(now))));
+        }
         return false;
     }
-    // A peer that is awake (it has not parked) and last ran here, where this thread runs now,
-    // is waiting for this CPU. A stale entry (it has moved since) costs one yield to whatever
-    // else waits here, or nothing if nothing does.
+    // Cheap when nothing else waits for this core: the thread goes on at once.
     let _ = nix::sched::sched_yield();
+    RUNNING.with(|r| r.set((slept, Some(Instant::now()))));
     true
 }
 
-/// Whether a thread other than `me` was last seen awake on `cpu`.
-fn other_on(seen: &[AtomicUsize], me: usize, cpu: usize) -> bool {
-    cpu != ASLEEP
-        && seen
-            .iter()
-            .enumerate()
-            .any(|(k, s)| k != me && s.load(Ordering::Relaxed) == cpu)
-}
-
-/// Publishes that serving thread `i` is awake on the CPU it runs on now.
-fn publish_awake(seen: &[AtomicUsize], i: usize) {
-    if let Ok(cpu) = nix::sched::sched_getcpu() {
-        seen[i].store(cpu, Ordering::Relaxed);
-    }
+/// Whether a thread that has run without sleeping since `since` (and has not slept since the
+/// last look, else `slept`) has had its slice by `now`.
+fn slice_over(slept: bool, since: Option<Instant>, now: Instant) -> bool {
+    !slept && since.is_some_and(|t| now.saturating_duration_since(t) >= SLICE)
 }
 
 /// Which serving thread this is (1-based), or 0 on any other thread: for per-thread state.
@@ -133,26 +121,17 @@ impl Workers {
         let (done, done_rx) = watch::channel(false);
         let mut handles = Vec::new();
         let cpus = if pin { allowed_cpus()? } else { Vec::new() };
-        let n = n.max(1);
-        let seen: Seen = (0..n).map(|_| AtomicUsize::new(ASLEEP)).collect();
-        for i in 0..n {
-            let (parks, unparks) = (seen.clone(), seen.clone());
+        for i in 0..n.max(1) {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
-                .on_thread_park(move || parks[i].store(ASLEEP, Ordering::Relaxed))
-                .on_thread_unpark(move || publish_awake(&unparks, i))
                 .build()?;
             handles.push(rt.handle().clone());
             let mut done_rx = done_rx.clone();
             let cpu = (!cpus.is_empty()).then(|| cpus[i % cpus.len()]);
-            let peers = seen.clone();
             std::thread::Builder::new()
                 .name(format!("logon-gate-{i}"))
                 .spawn(move || {
                     SHARD.with(|s| s.set(i + 1));
-                    PEERS.with(|p| {
-                        let _ = p.set(peers);
-                    });
                     if let Some(cpu) = cpu
                         && let Err(e) = pin_current_thread(cpu)
                     {
@@ -326,51 +305,61 @@ mod tests {
         let _ = hold_tx.send(true);
     }
 
-    /// Only another thread, awake and last seen on this CPU, counts as waiting for it.
+    /// The slice is over only once the thread has run SLICE without sleeping.
     #[test]
-    fn a_peer_counts_as_waiting_only_on_this_cpu_and_awake() {
-        let seen: Seen = [3, ASLEEP, 5].map(AtomicUsize::new).into();
-        assert!(!other_on(&seen, 0, 3), "this thread itself");
-        assert!(other_on(&seen, 1, 3), "thread 0 was seen on CPU 3");
-        assert!(other_on(&seen, 0, 5), "thread 2 was seen on CPU 5");
-        assert!(!other_on(&seen, 0, 4), "nobody on CPU 4");
-        assert!(!other_on(&seen, 0, ASLEEP), "an asleep thread wants no CPU");
+    fn the_slice_ends_after_slice_time_without_sleep() {
+        let t = Instant::now();
+        assert!(!slice_over(false, Some(t), t), "just started running");
+        assert!(!slice_over(
+            false,
+            Some(t),
+            t + SLICE - Duration::from_micros(1)
+        ));
+        assert!(slice_over(false, Some(t), t + SLICE));
+        assert!(!slice_over(true, Some(t), t + SLICE), "slept since");
+        assert!(
+            !slice_over(false, Some(t + SLICE), t),
+            "a clock read before"
+        );
+        assert!(!slice_over(false, None, t + SLICE), "first look");
     }
 
-    /// Two busy threads on one CPU yield to each other; on two CPUs they never do.
+    /// On a serving thread that runs without sleeping, a request start yields once every
+    /// CHECK_EVERY requests once the slice is over, and not before; elsewhere never.
     #[test]
-    fn stacked_threads_yield_and_apart_they_do_not() {
-        let allowed = allowed_cpus().expect("affinity readable");
-        let run = |cpus: [usize; 2]| -> [u32; 2] {
-            let seen: Seen = (0..2).map(|_| AtomicUsize::new(ASLEEP)).collect();
-            let until = std::time::Instant::now() + std::time::Duration::from_millis(300);
-            let threads: Vec<_> = (0..2)
-                .map(|i| {
-                    let seen = seen.clone();
-                    std::thread::spawn(move || {
-                        pin_current_thread(cpus[i]).expect("pin");
-                        let mut yields = 0;
-                        while std::time::Instant::now() < until {
-                            yields += u32::from(yield_if_stacked(&seen, i));
-                        }
-                        yields
-                    })
-                })
-                .collect();
-            let mut out = [0; 2];
-            for (o, t) in out.iter_mut().zip(threads) {
-                *o = t.join().expect("thread");
+    fn checkpoints_yield_on_busy_serving_threads_once_the_slice_is_over() {
+        assert!(!checkpoint(), "not a serving thread");
+        let workers = Workers::start(1, false).expect("threads");
+        let (tx, rx) = std::sync::mpsc::channel();
+        workers.spawn(async move {
+            // Running since an hour from now: the slice cannot end during the first loop,
+            // however slowly a loaded machine runs it.
+            let far = Instant::now() + Duration::from_secs(3600);
+            let slept = |u: nix::sys::resource::Usage| u.voluntary_context_switches();
+            let usage = || {
+                nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_THREAD)
+                    .expect("getrusage")
+            };
+            RUNNING.with(|r| r.set((slept(usage()), Some(far))));
+            let fresh = (0..CHECK_EVERY * 4).filter(|_| checkpoint()).count();
+            // Busy, not asleep, for a whole slice.
+            RUNNING.with(|r| r.set((slept(usage()), Some(Instant::now()))));
+            let until = Instant::now() + SLICE;
+            while Instant::now() < until {
+                std::hint::spin_loop();
             }
-            out
-        };
-        let [a, b] = run([allowed[0], allowed[0]]);
-        assert!(
-            a > 0 && b > 0,
-            "both threads on one CPU: {a} and {b} yields"
+            let due: Vec<bool> = (0..CHECK_EVERY).map(|_| checkpoint()).collect();
+            let _ = tx.send((fresh, due));
+        });
+        let (fresh, due) = rx
+            .recv_timeout(std::time::Duration::from_secs(5))
+            .expect("task ran");
+        assert_eq!(fresh, 0, "yields within the slice");
+        assert_eq!(
+            due.iter().filter(|&&y| y).count(),
+            1,
+            "one yield per CHECK_EVERY requests once the slice is over: {due:?}"
         );
-        if let Some(&other) = allowed.get(1) {
-            assert_eq!(run([allowed[0], other]), [0, 0], "threads on two CPUs");
-        }
     }
 
     #[test]
