@@ -4,7 +4,8 @@
 //! The accept loops hand each new connection to the thread serving the fewest. A connection's
 //! task, the tasks hyper spawns for its HTTP/2 streams and the backend connections its
 //! requests use (the pool keeps one idle list per thread) all run on one thread, so a request
-//! never waits for a wake-up from another thread, and no task migrates between cores. The accept loops, reloads and the admin endpoint stay on the main runtime.
+//! never waits for a wake-up from another thread, and no task migrates between cores. The
+//! accept loops, reloads and the admin endpoint stay on the main runtime.
 //!
 //! A serving thread that has run for [`SLICE`] without sleeping offers its core to whatever
 //! else waits for it (`sched_yield`), checked every [`CHECK_EVERY`] requests. Otherwise the
@@ -16,10 +17,10 @@
 //! also run when the thread only looked for events and found some, without sleeping.
 //!
 //! With `LOGON_GATE_CPU_AFFINITY=1` each serving thread is also pinned to one CPU (as nginx's
-//! `worker_cpu_affinity auto` or HAProxy's `cpu-map` do). Off by default: on a dedicated host
-//! it cuts the HTTP/1.1 tail latency (the scheduler no longer stacks two serving threads on
-//! one core), but on a host whose cores are busy with other processes a pinned thread cannot
-//! move away from them (benches/load/README.md has both measurements).
+//! `worker_cpu_affinity auto` or HAProxy's `cpu-map` do), so that the scheduler never stacks
+//! two of them on one core. Off by default: since the slice above, stacking costs little, and
+//! on a host whose cores are busy with other processes a pinned thread cannot move away from
+//! them (benches/load/README.md has the measurements).
 
 use std::cell::Cell;
 use std::future::Future;
@@ -41,8 +42,9 @@ thread_local! {
     static RUNNING: Cell<(std::ffi::c_long, Option<Instant>)> = const { Cell::new((-1, None)) };
 }
 
-/// How long a serving thread runs without sleeping before it offers its core. 0.25, 0.5 and
-/// 1 ms measured alike (benches/load/README.md); all are well below the scheduler's 4 ms tick.
+/// How long a serving thread runs without sleeping before it offers its core: well below the
+/// scheduler's 4 ms tick. 0.25, 0.5 and 1 ms measured alike (with an earlier form of this
+/// rule; benches/load/README.md).
 pub const SLICE: Duration = Duration::from_micros(500);
 
 /// How many requests a serving thread starts between two looks: about every 0.3 to 1 ms at
