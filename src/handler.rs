@@ -123,7 +123,7 @@ pub async fn handle(conn: Arc<Conn>, req: Request<Incoming>) -> Result<Response<
 }
 
 async fn handle_inner(conn: &Conn, req: Request<Incoming>) -> Response<Body> {
-    // Lets a serving thread stacked on one core with another take turns with it.
+    // A serving thread busy for a whole slice offers its core here (workers' module doc).
     crate::workers::checkpoint();
     let started = Instant::now();
     let h1 = req.version() <= http::Version::HTTP_11;

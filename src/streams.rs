@@ -113,6 +113,19 @@ mod tests {
     use hyper::rt::Executor;
     use tokio::sync::oneshot;
 
+    /// Runs a connection future on `exec` that ends, giving `out`, once the sender is used.
+    fn conn_until_told<T: Send + 'static>(
+        exec: &StreamExec,
+        out: T,
+    ) -> (oneshot::Sender<()>, tokio::task::JoinHandle<T>) {
+        let (end_conn, conn_ends) = oneshot::channel::<()>();
+        let run = tokio::spawn(exec.clone().run(async move {
+            let _ = conn_ends.await;
+            out
+        }));
+        (end_conn, run)
+    }
+
     #[tokio::test]
     async fn ends_only_after_the_connection_and_its_last_stream() {
         let exec = StreamExec::default();
@@ -145,11 +158,7 @@ mod tests {
     #[tokio::test]
     async fn a_stream_that_panics_ends_alone() {
         let exec = StreamExec::default();
-        let (end_conn, conn_ends) = oneshot::channel::<()>();
-        let run = tokio::spawn(exec.clone().run(async move {
-            let _ = conn_ends.await;
-            "conn done"
-        }));
+        let (end_conn, run) = conn_until_told(&exec, "conn done");
         let (release, held) = oneshot::channel::<()>();
         let (tx, rx) = oneshot::channel();
         exec.execute(async move {
@@ -170,10 +179,7 @@ mod tests {
     #[tokio::test]
     async fn a_stream_spawned_from_outside_the_poll_runs() {
         let exec = StreamExec::default();
-        let (end_conn, conn_ends) = oneshot::channel::<()>();
-        let run = tokio::spawn(exec.clone().run(async move {
-            let _ = conn_ends.await;
-        }));
+        let (end_conn, run) = conn_until_told(&exec, ());
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         let (tx, rx) = oneshot::channel();
         exec.execute(async move {

@@ -66,15 +66,14 @@ pub fn checkpoint() -> bool {
     if !n.is_multiple_of(CHECK_EVERY) {
         return false;
     }
-    let Ok(usage) = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_THREAD)
-    else {
+    let Some(slept) = sleeps() else {
         return false;
     };
-    let slept = usage.voluntary_context_switches();
     let now = Instant::now();
     let (last_slept, since) = RUNNING.with(Cell::get);
-    if !slice_over(slept != last_slept, since, now) {
-        if slept != last_slept {
+    let slept_since = slept != last_slept;
+    if !slice_over(slept_since, since, now) {
+        if slept_since {
             RUNNING.with(|r| r.set((slept, Some(now))));
         }
         return false;
@@ -83,6 +82,13 @@ pub fn checkpoint() -> bool {
     let _ = nix::sched::sched_yield();
     RUNNING.with(|r| r.set((slept, Some(Instant::now()))));
     true
+}
+
+/// How many times this thread has slept (its voluntary context switches).
+fn sleeps() -> Option<std::ffi::c_long> {
+    nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_THREAD)
+        .ok()
+        .map(|u| u.voluntary_context_switches())
 }
 
 /// Whether a thread that has run without sleeping since `since` (and has not slept since the
@@ -337,15 +343,10 @@ mod tests {
             // Running since an hour from now: the slice cannot end during the first loop,
             // however slowly a loaded machine runs it.
             let far = Instant::now() + Duration::from_secs(3600);
-            let slept = |u: nix::sys::resource::Usage| u.voluntary_context_switches();
-            let usage = || {
-                nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_THREAD)
-                    .expect("getrusage")
-            };
-            RUNNING.with(|r| r.set((slept(usage()), Some(far))));
+            RUNNING.with(|r| r.set((sleeps().expect("getrusage"), Some(far))));
             let fresh = (0..CHECK_EVERY * 4).filter(|_| checkpoint()).count();
             // Busy, not asleep, for a whole slice.
-            RUNNING.with(|r| r.set((slept(usage()), Some(Instant::now()))));
+            RUNNING.with(|r| r.set((sleeps().expect("getrusage"), Some(Instant::now()))));
             let until = Instant::now() + SLICE;
             while Instant::now() < until {
                 std::hint::spin_loop();
