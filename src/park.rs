@@ -16,6 +16,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -26,7 +27,7 @@ use tokio::sync::watch;
 
 use crate::framing::Watched;
 use crate::handler::{self, Conn};
-use crate::server::stopped;
+use crate::server::{stopped, when_woken};
 use crate::tls_stream::TlsStream;
 
 /// How long an HTTP/1.1 connection idles before it is parked. Long enough that a browser's
@@ -104,12 +105,23 @@ async fn serve_until_idle(
     let mut park_at = None;
     let mut parking = false;
     let ended = loop {
-        tokio::select! {
+        // hyper wakes this task for every read and write; the other waits are polled only
+        // when one of their own wakers fired (see `when_woken`).
+        let mut waits = when_woken(next_event(
+            conn,
+            &mut stop,
+            park_at,
+            park_at.is_none() && !parking && !shutting_down,
+            !shutting_down,
+        ));
+        let event = tokio::select! {
             r = hc.as_mut() => break r,
-            epoch = progress.idle_began(), if park_at.is_none() && !parking && !shutting_down => {
-                park_at = Some((tokio::time::Instant::now() + PARK_AFTER, epoch));
-            }
-            _ = sleep_until(park_at.map(|(at, _)| at)), if park_at.is_some() => {
+            Some(event) = waits.next() => event,
+        };
+        drop(waits);
+        match event {
+            Event::Idle(epoch) => park_at = Some((tokio::time::Instant::now() + PARK_AFTER, epoch)),
+            Event::ParkTime => {
                 // hyper is not running now (it runs inside this task's poll of `hc`), so "no
                 // byte since the idle period began" means its buffers hold nothing.
                 if let Some((_, epoch)) = park_at.take()
@@ -121,11 +133,11 @@ async fn serve_until_idle(
                     hc.as_mut().graceful_shutdown();
                 }
             }
-            _ = stopped(&mut stop), if !shutting_down => {
+            Event::Stop => {
                 shutting_down = true;
                 hc.as_mut().graceful_shutdown();
             }
-            _ = conn.abuse.notified() => return None,
+            Event::Abuse => return None,
         }
     };
     progress.set_parking(false);
@@ -141,6 +153,36 @@ async fn serve_until_idle(
     let mut io = parts.io.into_inner();
     io.put_back(&parts.read_buf);
     Some(io)
+}
+
+/// What ends a wait of [`serve_until_idle`] other than hyper's connection.
+enum Event {
+    /// An idle period began; its number.
+    Idle(u64),
+    /// The idle period the park timer was set for may have lasted [`PARK_AFTER`].
+    ParkTime,
+    /// The gateway is stopping.
+    Stop,
+    /// The connection abandoned most of its requests.
+    Abuse,
+}
+
+/// The next of the waits [`serve_until_idle`] keeps beside hyper's connection: the start of an
+/// idle period (when `watch_idle`), the park timer (when set), the stop signal (when
+/// `watch_stop`) and the abuse signal.
+async fn next_event(
+    conn: &Conn,
+    stop: &mut watch::Receiver<bool>,
+    park_at: Option<(tokio::time::Instant, u64)>,
+    watch_idle: bool,
+    watch_stop: bool,
+) -> Event {
+    tokio::select! {
+        epoch = conn.framing.idle_began(), if watch_idle => Event::Idle(epoch),
+        _ = sleep_until(park_at.map(|(at, _)| at)), if park_at.is_some() => Event::ParkTime,
+        _ = stopped(stop), if watch_stop => Event::Stop,
+        _ = conn.abuse.notified() => Event::Abuse,
+    }
 }
 
 /// Sleeps until `at`, or forever when there is nothing to wait for.

@@ -216,6 +216,35 @@ async fn idle_tls_connection_is_parked_and_served_again() {
     assert!(closed, "parked connection left open after stop");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_lets_an_http1_request_finish_then_closes_its_connection() {
+    let backend = Backend::start().await;
+    let f = Fixture::new(&backend.url(), "[limits]\nkeepalive_timeout = \"30s\"\n");
+    let gw = f.start().await;
+    let https = gw.https.expect("https");
+    let cfg = client_config(&f.pki.ca_der(), &[b"http/1.1"], true);
+    let mut s = tls_connect(https, cfg, "webmail.example.net")
+        .await
+        .expect("tls");
+    s.write_all(b"GET /slow?ms=600 HTTP/1.1\r\nHost: webmail.example.net\r\n\r\n")
+        .await
+        .expect("write");
+    let arrived = eventually(Duration::from_secs(5), || {
+        let n = backend.hits();
+        async move { n >= 1 }
+    })
+    .await;
+    assert!(arrived, "the request never reached the backend");
+    let stop = tokio::spawn(gw.stop());
+    let answer = one_answer(&mut s).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    // Closed as soon as the answer is out, not by parking (which would take PARK_AFTER, 1 s,
+    // of idling) nor by keep-alive (30 s).
+    let (_, closed) = read_to_close(&mut s, Duration::from_millis(800)).await;
+    assert!(closed, "connection left open after the stop");
+    stop.await.expect("join").expect("gateway task");
+}
+
 #[tokio::test]
 async fn connections_over_the_cap_are_closed_at_once() {
     let backend = Backend::start().await;
