@@ -3,8 +3,6 @@
 
 mod support;
 
-use std::time::Duration;
-
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use http::StatusCode;
@@ -489,12 +487,10 @@ async fn a_graceful_stop_lets_in_flight_http2_streams_finish() {
     let in_flight: Vec<_> = (0..3)
         .map(|_| tokio::spawn(h2_get(&send, "/slow?ms=700")))
         .collect();
-    let arrived = eventually(Duration::from_secs(5), || {
-        let n = backend.hits();
-        async move { n >= 3 }
-    })
-    .await;
-    assert!(arrived, "the requests never reached the backend");
+    assert!(
+        backend.reached(3).await,
+        "the requests never reached the backend"
+    );
     let stop = tokio::spawn(gw.stop());
     for t in in_flight {
         let (status, body) = t.await.expect("task").expect("in-flight request");

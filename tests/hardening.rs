@@ -229,12 +229,10 @@ async fn a_stop_lets_an_http1_request_finish_then_closes_its_connection() {
     s.write_all(b"GET /slow?ms=600 HTTP/1.1\r\nHost: webmail.example.net\r\n\r\n")
         .await
         .expect("write");
-    let arrived = eventually(Duration::from_secs(5), || {
-        let n = backend.hits();
-        async move { n >= 1 }
-    })
-    .await;
-    assert!(arrived, "the request never reached the backend");
+    assert!(
+        backend.reached(1).await,
+        "the request never reached the backend"
+    );
     let stop = tokio::spawn(gw.stop());
     let answer = one_answer(&mut s).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");

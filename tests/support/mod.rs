@@ -87,6 +87,15 @@ impl Backend {
     pub fn hits(&self) -> usize {
         self.hits.load(Ordering::SeqCst)
     }
+
+    /// Whether `n` requests have reached the backend within 5 s.
+    pub async fn reached(&self, n: usize) -> bool {
+        eventually(Duration::from_secs(5), || {
+            let hits = self.hits();
+            async move { hits >= n }
+        })
+        .await
+    }
 }
 
 type BackendBody = BoxBody<Bytes, hyper::Error>;
