@@ -49,11 +49,15 @@ async fn respond(
     }
     Ok(match req.uri().path() {
         "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
-        "/metrics" => reply(
-            StatusCode::OK,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            gw.metrics.encode(),
-        ),
+        "/metrics" => {
+            let queued = gw.snapshot().upstream.queued();
+            gw.metrics.backend_queued.set(queued as i64);
+            reply(
+                StatusCode::OK,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                gw.metrics.encode(),
+            )
+        }
         "/status" => reply(
             StatusCode::OK,
             "application/json",

@@ -73,17 +73,18 @@ pub struct ClientSide<'a> {
 impl Upstream {
     /// A client for `backend`, with keep-alive pooling and `TCP_NODELAY`.
     pub fn new(backend: &Backend, limits: &Limits) -> Upstream {
-        let pool = Pool::new(
-            backend.authority.clone(),
-            backend.connect_timeout,
-            limits.backend_max_in_flight,
-        );
+        let pool = Pool::new(backend, limits.backend_max_in_flight);
         Upstream {
             pool,
             backend: backend.clone(),
             in_flight: Arc::new(Semaphore::new(limits.backend_max_in_flight)),
             max_in_flight: limits.backend_max_in_flight,
         }
+    }
+
+    /// Requests waiting for a busy backend connection (`backend.queue_after_busy`).
+    pub fn queued(&self) -> usize {
+        self.pool.queued()
     }
 
     /// True when a table with these settings can keep using this upstream (and its pool).

@@ -59,6 +59,8 @@ pub struct Metrics {
     pub connections: Family<ListenerLabel, Gauge>,
     /// Idle HTTP/1.1 connections parked (holding no HTTP state, see `park`).
     pub parked: Gauge,
+    /// Requests waiting for a busy backend connection; set when scraped.
+    pub backend_queued: Gauge,
     pub handshakes: Family<ResultLabel, Counter>,
     pub upstream_errors: Family<KindLabel, Counter>,
     pub reloads: Family<ResultLabel, Counter>,
@@ -97,6 +99,7 @@ impl Metrics {
             duration: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             connections: Family::default(),
             parked: Gauge::default(),
+            backend_queued: Gauge::default(),
             handshakes: Family::default(),
             upstream_errors: Family::default(),
             reloads: Family::default(),
@@ -123,6 +126,11 @@ impl Metrics {
             "parked_connections",
             "Idle HTTP/1.1 connections parked without HTTP buffers",
             m.parked.clone(),
+        );
+        registry.register(
+            "backend_queued_requests",
+            "Requests waiting for one of the busy backend connections (backend.queue_after_busy)",
+            m.backend_queued.clone(),
         );
         registry.register(
             "tls_handshakes",

@@ -3,13 +3,22 @@
 //! its end; one abandoned mid-body, or upgraded, is closed instead. A request that a reused
 //! connection could not even send (it had closed meanwhile) is retried on another.
 //!
+//! Each serving thread keeps its own connections. Once `queue_after_busy` of them are busy, a
+//! further request waits for one to come back (first come, first served) rather than opening
+//! another, but no longer than `queue_wait`: then it opens its own, so long polls holding
+//! connections never hold other requests up for long. Under load this keeps the connections,
+//! their buffers and their kernel sockets few enough to stay in the CPU's caches: with 500
+//! HTTP/2 streams in flight the gateway had opened 500 backend connections, and capping them
+//! at 64 per thread cut its CPU per request by 8-9% (benches/load/README.md).
+//!
 //! Written instead of hyper-util's legacy client because that one spawns a task per request to
 //! watch the connection become idle again; the load profile showed its checkout and spawn as
 //! the largest user-space cost on the forwarding path (benches/load/README.md).
 
+use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -20,8 +29,10 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
+use tokio::sync::oneshot;
 
 use crate::access::Counted;
+use crate::config::Backend;
 
 type Sender = SendRequest<Counted>;
 
@@ -39,25 +50,55 @@ pub struct Pool {
     authority: Authority,
     connect_timeout: Duration,
     max_idle: usize,
-    /// Idle connections, one list per serving thread (`workers::shard`): a connection's task
-    /// runs on the thread that made it, so a request reuses one made on its own thread.
-    idle: Box<[Mutex<Vec<Sender>>]>,
-    /// Idle connections in all lists, held to `max_idle` as one pool would be.
+    queue_after_busy: usize,
+    queue_wait: Duration,
+    /// One per serving thread (`workers::shard`): a connection's task runs on the thread that
+    /// made it, so a request reuses one made on its own thread.
+    shards: Box<[Mutex<Shard>]>,
+    /// Idle connections in all shards, held to `max_idle` as one pool would be.
     idle_count: AtomicUsize,
+    /// Requests waiting for a busy connection, in all shards.
+    waiting: AtomicUsize,
 }
 
-/// Idle lists kept: serving threads beyond this share lists.
+/// One serving thread's connections.
+#[derive(Default)]
+struct Shard {
+    idle: Vec<Sender>,
+    /// Connections handed to requests and not back yet (each held by a [`Lease`]).
+    busy: usize,
+    /// Requests waiting for a busy connection, oldest first, with the tick they came in.
+    waiters: VecDeque<(u64, oneshot::Sender<Grant>)>,
+    /// Ticks of the queue's watch, which runs while requests wait (one timer for all of
+    /// them, instead of one per request).
+    tick: u64,
+    watched: bool,
+}
+
+/// What a waiting request is handed along with the busy place it waited for.
+enum Grant {
+    /// A connection that just came back.
+    Conn(Sender),
+    /// A place only (the connection it held has closed, or the wait ran out): open a new
+    /// connection.
+    Place,
+}
+
+/// Shards kept: serving threads beyond this share them.
 const SHARDS: usize = 64;
 
 impl Pool {
-    /// An empty pool for `authority`.
-    pub fn new(authority: Authority, connect_timeout: Duration, max_idle: usize) -> Arc<Pool> {
+    /// An empty pool for `backend`, keeping at most `max_idle` idle connections.
+    pub fn new(backend: &Backend, max_idle: usize) -> Arc<Pool> {
         Arc::new(Pool {
-            authority,
-            connect_timeout,
+            authority: backend.authority.clone(),
+            connect_timeout: backend.connect_timeout,
             max_idle,
-            idle: (0..SHARDS).map(|_| Mutex::new(Vec::new())).collect(),
+            queue_after_busy: backend.queue_after_busy,
+            queue_wait: backend.queue_wait,
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
             idle_count: AtomicUsize::new(0),
+            waiting: AtomicUsize::new(0),
         })
     }
 
@@ -67,38 +108,129 @@ impl Pool {
         self: &Arc<Self>,
         mut req: Request<Counted>,
     ) -> Result<Response<PoolBody>, PoolError> {
+        let (mut idle, lease) = self.acquire().await;
         loop {
-            let (mut sender, reused) = match self.checkout().await {
-                Some(s) => (s, true),
+            let (mut sender, reused) = match idle.take() {
+                Some(mut s) => {
+                    if s.ready().await.is_err() {
+                        idle = self.pop_idle(lease.shard);
+                        continue;
+                    }
+                    (s, true)
+                }
+                // A failed connect drops the lease, which frees its place.
                 None => (self.connect().await?, false),
             };
             match sender.try_send_request(req).await {
-                Ok(resp) => {
-                    let pool = Arc::clone(self);
-                    return Ok(resp.map(|body| PoolBody::new(body, sender, pool)));
-                }
+                Ok(resp) => return Ok(resp.map(|body| PoolBody::new(body, sender, lease))),
                 Err(mut e) => match e.take_message() {
                     // Never sent: the reused connection had closed. Try another one.
-                    Some(back) if reused => req = back,
+                    Some(back) if reused => {
+                        req = back;
+                        idle = self.pop_idle(lease.shard);
+                    }
                     _ => return Err(PoolError::Request(e.into_error())),
                 },
             }
         }
     }
 
-    async fn checkout(&self) -> Option<Sender> {
-        loop {
-            // No idle clock: the backend closes connections it finds idle too long, hyper
-            // notices, and a request that still races such a close is retried above.
-            let mut sender = self.lock().pop()?;
-            self.idle_count.fetch_sub(1, Ordering::Relaxed);
-            if sender.is_closed() {
-                continue;
+    /// A busy place on this thread, with an idle connection when there is one (`None`: open
+    /// one). Waits for a busy connection to come back when the thread has enough of them.
+    async fn acquire(self: &Arc<Self>) -> (Option<Sender>, Lease) {
+        let shard = crate::workers::shard() % SHARDS;
+        // Made only once the place is this request's: dropped, a lease frees one.
+        let lease = || Lease {
+            pool: Arc::clone(self),
+            shard,
+            conn: None,
+        };
+        let rx = {
+            let mut sh = self.lock(shard);
+            if let Some(s) = self.take_idle(&mut sh) {
+                sh.busy += 1;
+                return (Some(s), lease());
             }
-            if sender.ready().await.is_ok() {
-                return Some(sender);
+            if sh.busy < self.queue_after_busy {
+                sh.busy += 1;
+                return (None, lease());
+            }
+            let (tx, rx) = oneshot::channel();
+            let tick = sh.tick;
+            sh.waiters.push_back((tick, tx));
+            self.waiting.fetch_add(1, Ordering::Relaxed);
+            if !sh.watched {
+                sh.watched = true;
+                tokio::spawn(Arc::clone(self).watch(shard));
+            }
+            rx
+        };
+        let mut waiting = Waiting {
+            rx,
+            pool: self,
+            shard,
+        };
+        // The place passes to this request along with the grant.
+        let granted = (&mut waiting.rx).await;
+        drop(waiting);
+        match granted {
+            Ok(Grant::Conn(s)) => (Some(s), lease()),
+            Ok(Grant::Place) => (None, lease()),
+            // Not sent while the pool lives; should it happen, go beyond the limit.
+            Err(_) => {
+                self.lock(shard).busy += 1;
+                (None, lease())
             }
         }
+    }
+
+    /// Runs while requests on `shard` wait: each half `queue_wait` it lets those that came
+    /// in two ticks ago or earlier (so have waited at least half of it, at most all of it)
+    /// open connections of their own, beyond the limit.
+    async fn watch(self: Arc<Self>, shard: usize) {
+        let every = (self.queue_wait / 2).max(Duration::from_millis(1));
+        loop {
+            tokio::time::sleep(every).await;
+            let mut sh = self.lock(shard);
+            sh.tick += 1;
+            while let Some(&(came, _)) = sh.waiters.front() {
+                if sh.tick - came < 2 {
+                    break;
+                }
+                if let Some((_, w)) = sh.waiters.pop_front()
+                    && w.send(Grant::Place).is_ok()
+                {
+                    sh.busy += 1;
+                }
+            }
+            if sh.waiters.is_empty() {
+                sh.watched = false;
+                return;
+            }
+        }
+    }
+
+    /// Requests waiting for a busy connection now.
+    pub fn queued(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed)
+    }
+
+    /// An idle connection for a request that already holds a place.
+    fn pop_idle(&self, shard: usize) -> Option<Sender> {
+        let mut sh = self.lock(shard);
+        self.take_idle(&mut sh)
+    }
+
+    fn take_idle(&self, sh: &mut Shard) -> Option<Sender> {
+        // No idle clock: the backend closes connections it finds idle too long, hyper
+        // notices, and a request that still races such a close is retried in `send`.
+        while let Some(s) = sh.idle.pop() {
+            self.idle_count.fetch_sub(1, Ordering::Relaxed);
+            if !s.is_closed() {
+                return Some(s);
+            }
+        }
+        None
     }
 
     async fn connect(&self) -> Result<Sender, PoolError> {
@@ -125,35 +257,84 @@ impl Pool {
         Ok(sender)
     }
 
-    fn put_back(&self, sender: Sender) {
-        if sender.is_closed() {
-            return;
+    /// Ends a lease: its place, with `sender` when that can be reused, goes to the oldest
+    /// waiting request, or else is freed and `sender` kept idle.
+    fn give_back(&self, shard: usize, sender: Option<Sender>) {
+        let mut sender = sender.filter(|s| !s.is_closed());
+        let mut sh = self.lock(shard);
+        while let Some((_, waiter)) = sh.waiters.pop_front() {
+            let grant = sender.take().map_or(Grant::Place, Grant::Conn);
+            match waiter.send(grant) {
+                Ok(()) => return,
+                // That request stopped waiting.
+                Err(Grant::Conn(s)) => sender = Some(s),
+                Err(Grant::Place) => {}
+            }
         }
-        if self.idle_count.fetch_add(1, Ordering::Relaxed) < self.max_idle {
-            self.lock().push(sender);
-        } else {
-            self.idle_count.fetch_sub(1, Ordering::Relaxed);
+        sh.busy = sh.busy.saturating_sub(1);
+        if let Some(s) = sender {
+            if self.idle_count.fetch_add(1, Ordering::Relaxed) < self.max_idle {
+                sh.idle.push(s);
+            } else {
+                self.idle_count.fetch_sub(1, Ordering::Relaxed);
+            }
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Sender>> {
-        self.idle[crate::workers::shard() % SHARDS]
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+    fn lock(&self, shard: usize) -> MutexGuard<'_, Shard> {
+        self.shards[shard].lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A request's busy place on its thread. Dropping it ends the place: with `conn` set, that
+/// connection goes back for reuse.
+struct Lease {
+    pool: Arc<Pool>,
+    shard: usize,
+    conn: Option<Sender>,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.pool.give_back(self.shard, self.conn.take());
+    }
+}
+
+/// A request waiting for a connection. Dropped (once granted, or with the request abandoned
+/// while it waits), it closes the channel and passes on anything granted in the meantime.
+struct Waiting<'a> {
+    rx: oneshot::Receiver<Grant>,
+    pool: &'a Pool,
+    shard: usize,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.pool.waiting.fetch_sub(1, Ordering::Relaxed);
+        self.rx.close();
+        match self.rx.try_recv() {
+            Ok(Grant::Conn(s)) => self.pool.give_back(self.shard, Some(s)),
+            Ok(Grant::Place) => self.pool.give_back(self.shard, None),
+            Err(_) => {}
+        }
     }
 }
 
 /// A backend response body that returns its connection to the pool once read to the end.
 pub struct PoolBody {
     inner: Incoming,
-    back: Option<(Sender, Arc<Pool>)>,
+    sender: Option<Sender>,
+    /// Dropped without `sender` (the body was abandoned, failed or upgraded), it frees the
+    /// place and the connection closes.
+    lease: Option<Lease>,
 }
 
 impl PoolBody {
-    fn new(inner: Incoming, sender: Sender, pool: Arc<Pool>) -> Self {
+    fn new(inner: Incoming, sender: Sender, lease: Lease) -> Self {
         let mut b = PoolBody {
             inner,
-            back: Some((sender, pool)),
+            sender: Some(sender),
+            lease: Some(lease),
         };
         if b.inner.is_end_stream() {
             b.release();
@@ -162,14 +343,15 @@ impl PoolBody {
     }
 
     fn release(&mut self) {
-        if let Some((sender, pool)) = self.back.take() {
-            pool.put_back(sender);
+        if let Some(mut lease) = self.lease.take() {
+            lease.conn = self.sender.take();
         }
     }
 
     /// Keeps the connection out of the pool (it is being upgraded).
     pub fn detach(&mut self) {
-        self.back = None;
+        self.sender = None;
+        self.lease = None;
     }
 }
 
@@ -185,7 +367,7 @@ impl Body for PoolBody {
         match &polled {
             Poll::Ready(None) => self.release(),
             Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.release(),
-            Poll::Ready(Some(Err(_))) => self.back = None,
+            Poll::Ready(Some(Err(_))) => self.detach(),
             _ => {}
         }
         polled

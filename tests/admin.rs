@@ -76,6 +76,11 @@ async fn health_metrics_and_status() {
         "{m}"
     );
     assert_eq!(
+        metric(&m, "logon_gate_backend_queued_requests "),
+        Some(0.0),
+        "{m}"
+    );
+    assert_eq!(
         metric(&m, "logon_gate_tls_handshakes_total{result=\"ok\"}"),
         Some(1.0),
         "{m}"

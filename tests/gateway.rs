@@ -461,6 +461,178 @@ fn h2_get(
     }
 }
 
+/// A gateway whose serving threads queue requests once `after` backend connections are busy,
+/// for up to `wait`, and one HTTP/2 connection to it.
+async fn queueing_gateway(
+    after: usize,
+    wait: &str,
+) -> (Backend, Fixture, logon_gate::server::Running, H2Send) {
+    let backend = Backend::start().await;
+    let f = Fixture::new(&backend.url(), "");
+    let text = std::fs::read_to_string(f.gateway_toml())
+        .expect("read")
+        .replace(
+            "response_timeout = \"5s\"",
+            &format!(
+                "response_timeout = \"5s\"\nqueue_after_busy = {after}\nqueue_wait = \"{wait}\""
+            ),
+        );
+    std::fs::write(f.gateway_toml(), text).expect("write");
+    let gw = f.start().await;
+    let Client::H2(send) = https_client(
+        gw.https.expect("https"),
+        &f.pki.ca_der(),
+        "webmail.example.net",
+        true,
+    )
+    .await
+    else {
+        panic!("ALPN h2 gave an HTTP/1.1 client");
+    };
+    (backend, f, gw, send)
+}
+
+fn backend_conns(backend: &Backend) -> usize {
+    backend.conns.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+// The streams of one HTTP/2 connection are served by one thread, so they share its pool.
+#[tokio::test]
+async fn past_queue_after_busy_requests_wait_for_a_busy_backend_connection() {
+    let (backend, _f, gw, send) = queueing_gateway(1, "10s").await;
+    let all = (0..3).map(|_| h2_get(&send, "/slow?ms=200"));
+    for r in futures_util::future::join_all(all).await {
+        let (status, body) = r.expect("request");
+        assert_eq!((status, &body[..]), (StatusCode::OK, &b"slow done"[..]));
+    }
+    assert_eq!(
+        backend_conns(&backend),
+        1,
+        "the requests should have taken turns on one backend connection"
+    );
+    gw.stop().await.expect("gateway task");
+}
+
+#[tokio::test]
+async fn a_request_queued_past_queue_wait_opens_its_own_backend_connection() {
+    let (backend, _f, gw, send) = queueing_gateway(1, "100ms").await;
+    let long_poll = tokio::spawn(h2_get(&send, "/slow?ms=3000"));
+    assert!(
+        backend.reached(1).await,
+        "the long poll never reached the backend"
+    );
+    let (status, _) = h2_get(&send, "/")
+        .await
+        .expect("request behind the long poll");
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        !long_poll.is_finished(),
+        "the request waited for the long poll's connection instead of opening one"
+    );
+    assert_eq!(backend_conns(&backend), 2);
+    let (status, _) = long_poll.await.expect("task").expect("long poll");
+    assert_eq!(status, StatusCode::OK);
+    gw.stop().await.expect("gateway task");
+}
+
+#[tokio::test]
+async fn an_abandoned_queued_request_does_not_keep_the_connection_it_waited_for() {
+    let (backend, _f, gw, send) = queueing_gateway(1, "10s").await;
+    let upstream = gw.gateway.snapshot().upstream.clone();
+    let queued_now = |want: usize| {
+        let upstream = upstream.clone();
+        async move {
+            eventually(std::time::Duration::from_secs(5), || {
+                let n = upstream.queued();
+                async move { n == want }
+            })
+            .await
+        }
+    };
+    let first = tokio::spawn(h2_get(&send, "/slow?ms=1000"));
+    assert!(
+        backend.reached(1).await,
+        "the first request never reached the backend"
+    );
+    // Queued behind the first, then given up by its client (the stream is reset).
+    let abandoned = tokio::spawn(h2_get(&send, "/slow?ms=0"));
+    assert!(queued_now(1).await, "the second request never queued");
+    abandoned.abort();
+    assert!(
+        queued_now(0).await,
+        "the abandoned request stayed in the queue"
+    );
+    // The place is still the first request's, so the next one queues too.
+    let next = tokio::spawn(h2_get(&send, "/"));
+    assert!(
+        queued_now(1).await,
+        "the abandoned request gave away a place it never had"
+    );
+    let (status, _) = first.await.expect("task").expect("first request");
+    assert_eq!(status, StatusCode::OK);
+    // Had the abandoned request kept the connection, or its place, this one would wait 10 s.
+    let (status, _) = tokio::time::timeout(std::time::Duration::from_secs(3), next)
+        .await
+        .expect("the next request waited for a connection nobody holds")
+        .expect("task")
+        .expect("next request");
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(backend_conns(&backend), 1);
+    assert_eq!(
+        backend.hits(),
+        2,
+        "the abandoned request reached the backend"
+    );
+    gw.stop().await.expect("gateway task");
+}
+
+/// A WebSocket's backend connection leaves the pool, and its place with it. One WebSocket per
+/// serving thread, so the request after them meets one whichever thread serves it.
+#[tokio::test]
+async fn websockets_do_not_hold_places_in_the_backend_queue() {
+    let backend = Backend::start().await;
+    let f = Fixture::new(&backend.url(), "");
+    let text = std::fs::read_to_string(f.gateway_toml())
+        .expect("read")
+        .replace(
+            "response_timeout = \"5s\"",
+            "response_timeout = \"5s\"\nqueue_after_busy = 1\nqueue_wait = \"10s\"",
+        );
+    std::fs::write(f.gateway_toml(), text).expect("write");
+    let gw = f.start().await;
+    let https = gw.https.expect("https");
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut sockets = Vec::new();
+    for _ in 0..threads {
+        let tls = tls_connect(
+            https,
+            client_config(&f.pki.ca_der(), &[b"http/1.1"], true),
+            "webmail.example.net",
+        )
+        .await
+        .expect("tls");
+        let (ws, resp) = tokio_tungstenite::client_async("wss://webmail.example.net/ws", tls)
+            .await
+            .expect("websocket handshake through the gateway");
+        assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
+        sockets.push(ws);
+    }
+    let mut c = https_client(https, &f.pki.ca_der(), "webmail.example.net", true).await;
+    let r = tokio::time::timeout(
+        std::time::Duration::from_secs(3),
+        c.get("webmail.example.net", "/"),
+    )
+    .await
+    .expect("the request queued behind a WebSocket");
+    assert_eq!(r.status, StatusCode::OK);
+    for mut ws in sockets {
+        ws.send(Message::text("still open")).await.expect("send");
+        let got = ws.next().await.expect("message").expect("frame");
+        assert_eq!(got.into_text().expect("text").as_str(), "still open");
+    }
+    gw.stop().await.expect("gateway task");
+}
+
 // The streams of an HTTP/2 connection are polled by the connection's own task
 // (src/streams.rs); none of them may wait for another.
 #[tokio::test]
