@@ -9,7 +9,8 @@
 //! connections never hold other requests up for long. Under load this keeps the connections,
 //! their buffers and their kernel sockets few enough to stay in the CPU's caches: with 500
 //! HTTP/2 streams in flight the gateway had opened 500 backend connections, and capping them
-//! at 64 per thread cut its CPU per request by 6-9% (benches/load/README.md).
+//! at 64 per thread cut its CPU per request by 6-9% while the shared machine ran slow (its
+//! caches contended), with no change when it ran fast (benches/load/README.md).
 //!
 //! Written instead of hyper-util's legacy client because that one spawns a task per request to
 //! watch the connection become idle again; the load profile showed its checkout and spawn as
