@@ -390,47 +390,43 @@ pub fn load_gateway(src: &Source) -> Result<(Settings, Vec<Spanned<String>>), Ve
         ),
         ..defaults
     };
-    let mut count = |v: &Option<Spanned<u64>>, key: &str, min: u64, max: u64| -> Option<u64> {
-        let v = v.as_ref()?;
-        let n = *v.get_ref();
-        if n < min || n > max {
-            errors.push(src.error_at(
-                v.span(),
-                format!("{key}: {n} is out of range ({min} to {max})"),
-            ));
-            return None;
-        }
-        Some(n)
-    };
     if let Some(n) = count(
-        &raw.limits.max_request_header_bytes,
+        src,
+        raw.limits.max_request_header_bytes.as_ref(),
         "limits.max_request_header_bytes",
         8192,
         16 << 20,
+        &mut errors,
     ) {
         limits.max_request_header_bytes = n as usize;
     }
     if let Some(n) = count(
-        &raw.limits.max_connections,
+        src,
+        raw.limits.max_connections.as_ref(),
         "limits.max_connections",
         1,
         1 << 24,
+        &mut errors,
     ) {
         limits.max_connections = n as usize;
     }
     if let Some(n) = count(
-        &raw.limits.h2_max_concurrent_streams,
+        src,
+        raw.limits.h2_max_concurrent_streams.as_ref(),
         "limits.h2_max_concurrent_streams",
         1,
         u32::MAX as u64,
+        &mut errors,
     ) {
         limits.h2_max_concurrent_streams = n as u32;
     }
     if let Some(n) = count(
-        &raw.limits.backend_max_in_flight,
+        src,
+        raw.limits.backend_max_in_flight.as_ref(),
         "limits.backend_max_in_flight",
         1,
         1 << 24,
+        &mut errors,
     ) {
         limits.backend_max_in_flight = n as usize;
     }
@@ -454,6 +450,27 @@ pub fn load_gateway(src: &Source) -> Result<(Settings, Vec<Spanned<String>>), Ve
         )),
         _ => Err(errors),
     }
+}
+
+/// `v` when it lies in `min..=max`; else an error naming `key` (and `None`, as when absent).
+fn count(
+    src: &Source,
+    v: Option<&Spanned<u64>>,
+    key: &str,
+    min: u64,
+    max: u64,
+    errors: &mut Vec<ConfigError>,
+) -> Option<u64> {
+    let v = v?;
+    let n = *v.get_ref();
+    if n < min || n > max {
+        errors.push(src.error_at(
+            v.span(),
+            format!("{key}: {n} is out of range ({min} to {max})"),
+        ));
+        return None;
+    }
+    Some(n)
 }
 
 fn duration(
@@ -503,20 +520,9 @@ fn parse_backend(src: &Source, raw: &RawBackend, errors: &mut Vec<ConfigError>) 
         .map_or(Some(DEFAULT_QUEUE_WAIT), |s| {
             duration(src, s, "backend.queue_wait", errors)
         });
-    let queue_after_busy = match &raw.queue_after_busy {
+    let queue_after_busy = match raw.queue_after_busy.as_ref() {
         None => Some(DEFAULT_QUEUE_AFTER_BUSY),
-        Some(v) if (1..=1 << 24).contains(v.get_ref()) => Some(*v.get_ref() as usize),
-        Some(v) => {
-            errors.push(src.error_at(
-                v.span(),
-                format!(
-                    "backend.queue_after_busy: {} is out of range (1 to {})",
-                    v.get_ref(),
-                    1 << 24
-                ),
-            ));
-            None
-        }
+        v => count(src, v, "backend.queue_after_busy", 1, 1 << 24, errors).map(|n| n as usize),
     };
     let url = raw.url.get_ref();
     let uri: http::Uri = match url.parse() {

@@ -58,8 +58,6 @@ pub struct Pool {
     shards: Box<[Mutex<Shard>]>,
     /// Idle connections in all shards, held to `max_idle` as one pool would be.
     idle_count: AtomicUsize,
-    /// Requests waiting for a busy connection, in all shards.
-    waiting: AtomicUsize,
 }
 
 /// One serving thread's connections.
@@ -99,7 +97,6 @@ impl Pool {
             queue_wait: backend.queue_wait,
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
             idle_count: AtomicUsize::new(0),
-            waiting: AtomicUsize::new(0),
         })
     }
 
@@ -159,7 +156,6 @@ impl Pool {
             let (tx, rx) = oneshot::channel();
             let tick = sh.tick;
             sh.waiters.push_back((tick, tx));
-            self.waiting.fetch_add(1, Ordering::Relaxed);
             if !sh.watched {
                 sh.watched = true;
                 tokio::spawn(Arc::clone(self).watch(shard));
@@ -211,9 +207,15 @@ impl Pool {
         }
     }
 
-    /// Requests waiting for a busy connection now.
+    /// Requests waiting for a busy connection now (read when scraped: a request that gave up
+    /// leaves a closed entry behind until a connection comes back).
     pub fn queued(&self) -> usize {
-        self.waiting.load(Ordering::Relaxed)
+        (0..SHARDS)
+            .map(|i| {
+                let sh = self.lock(i);
+                sh.waiters.iter().filter(|(_, w)| !w.is_closed()).count()
+            })
+            .sum()
     }
 
     /// An idle connection for a request that already holds a place.
@@ -311,7 +313,6 @@ struct Waiting<'a> {
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        self.pool.waiting.fetch_sub(1, Ordering::Relaxed);
         self.rx.close();
         match self.rx.try_recv() {
             Ok(Grant::Conn(s)) => self.pool.give_back(self.shard, Some(s)),

@@ -267,18 +267,7 @@ async fn websocket_passes_through() {
         "[limits]\nkeepalive_timeout = \"1s\"\nheader_read_timeout = \"1s\"\n",
     );
     let gw = f.start().await;
-    let https = gw.https.expect("https");
-    let tls = tls_connect(
-        https,
-        client_config(&f.pki.ca_der(), &[b"http/1.1"], true),
-        "webmail.example.net",
-    )
-    .await
-    .expect("tls");
-    let (mut ws, resp) = tokio_tungstenite::client_async("wss://webmail.example.net/ws", tls)
-        .await
-        .expect("websocket handshake through the gateway");
-    assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
+    let mut ws = websocket(&f, &gw).await;
     tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
     for i in 0..20 {
         let text = format!("hello {i}");
@@ -288,6 +277,25 @@ async fn websocket_passes_through() {
     }
     ws.close(None).await.expect("close");
     gw.stop().await.expect("gateway task");
+}
+
+type WebSocket =
+    tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
+
+/// A WebSocket to the backend's echo, through the gateway over HTTP/1.1 and TLS.
+async fn websocket(f: &Fixture, gw: &logon_gate::server::Running) -> WebSocket {
+    let tls = tls_connect(
+        gw.https.expect("https"),
+        client_config(&f.pki.ca_der(), &[b"http/1.1"], true),
+        "webmail.example.net",
+    )
+    .await
+    .expect("tls");
+    let (ws, resp) = tokio_tungstenite::client_async("wss://webmail.example.net/ws", tls)
+        .await
+        .expect("websocket handshake through the gateway");
+    assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
+    ws
 }
 
 async fn big_bodies(h2: bool) {
@@ -433,12 +441,18 @@ async fn h2_gateway() -> (Backend, Fixture, logon_gate::server::Running, H2Send)
     let backend = Backend::start().await;
     let f = Fixture::new(&backend.url(), "");
     let gw = f.start().await;
+    let send = h2_connect(&f, &gw).await;
+    (backend, f, gw, send)
+}
+
+/// One HTTP/2 connection to the gateway's HTTPS listener.
+async fn h2_connect(f: &Fixture, gw: &logon_gate::server::Running) -> H2Send {
     let https = gw.https.expect("https");
     let Client::H2(send) = https_client(https, &f.pki.ca_der(), "webmail.example.net", true).await
     else {
         panic!("ALPN h2 gave an HTTP/1.1 client");
     };
-    (backend, f, gw, send)
+    send
 }
 
 /// One GET on an HTTP/2 connection shared with other requests.
@@ -461,12 +475,12 @@ fn h2_get(
     }
 }
 
-/// A gateway whose serving threads queue requests once `after` backend connections are busy,
-/// for up to `wait`, and one HTTP/2 connection to it.
+/// A backend and a gateway whose serving threads queue requests once `after` backend
+/// connections are busy, for up to `wait`.
 async fn queueing_gateway(
     after: usize,
     wait: &str,
-) -> (Backend, Fixture, logon_gate::server::Running, H2Send) {
+) -> (Backend, Fixture, logon_gate::server::Running) {
     let backend = Backend::start().await;
     let f = Fixture::new(&backend.url(), "");
     let text = std::fs::read_to_string(f.gateway_toml())
@@ -479,17 +493,7 @@ async fn queueing_gateway(
         );
     std::fs::write(f.gateway_toml(), text).expect("write");
     let gw = f.start().await;
-    let Client::H2(send) = https_client(
-        gw.https.expect("https"),
-        &f.pki.ca_der(),
-        "webmail.example.net",
-        true,
-    )
-    .await
-    else {
-        panic!("ALPN h2 gave an HTTP/1.1 client");
-    };
-    (backend, f, gw, send)
+    (backend, f, gw)
 }
 
 fn backend_conns(backend: &Backend) -> usize {
@@ -499,7 +503,8 @@ fn backend_conns(backend: &Backend) -> usize {
 // The streams of one HTTP/2 connection are served by one thread, so they share its pool.
 #[tokio::test]
 async fn past_queue_after_busy_requests_wait_for_a_busy_backend_connection() {
-    let (backend, _f, gw, send) = queueing_gateway(1, "10s").await;
+    let (backend, f, gw) = queueing_gateway(1, "10s").await;
+    let send = h2_connect(&f, &gw).await;
     let all = (0..3).map(|_| h2_get(&send, "/slow?ms=200"));
     for r in futures_util::future::join_all(all).await {
         let (status, body) = r.expect("request");
@@ -515,7 +520,8 @@ async fn past_queue_after_busy_requests_wait_for_a_busy_backend_connection() {
 
 #[tokio::test]
 async fn a_request_queued_past_queue_wait_opens_its_own_backend_connection() {
-    let (backend, _f, gw, send) = queueing_gateway(1, "100ms").await;
+    let (backend, f, gw) = queueing_gateway(1, "100ms").await;
+    let send = h2_connect(&f, &gw).await;
     let long_poll = tokio::spawn(h2_get(&send, "/slow?ms=3000"));
     assert!(
         backend.reached(1).await,
@@ -537,7 +543,8 @@ async fn a_request_queued_past_queue_wait_opens_its_own_backend_connection() {
 
 #[tokio::test]
 async fn an_abandoned_queued_request_does_not_keep_the_connection_it_waited_for() {
-    let (backend, _f, gw, send) = queueing_gateway(1, "10s").await;
+    let (backend, f, gw) = queueing_gateway(1, "10s").await;
+    let send = h2_connect(&f, &gw).await;
     let upstream = gw.gateway.snapshot().upstream.clone();
     let queued_now = |want: usize| {
         let upstream = upstream.clone();
@@ -590,33 +597,13 @@ async fn an_abandoned_queued_request_does_not_keep_the_connection_it_waited_for(
 /// serving thread, so the request after them meets one whichever thread serves it.
 #[tokio::test]
 async fn websockets_do_not_hold_places_in_the_backend_queue() {
-    let backend = Backend::start().await;
-    let f = Fixture::new(&backend.url(), "");
-    let text = std::fs::read_to_string(f.gateway_toml())
-        .expect("read")
-        .replace(
-            "response_timeout = \"5s\"",
-            "response_timeout = \"5s\"\nqueue_after_busy = 1\nqueue_wait = \"10s\"",
-        );
-    std::fs::write(f.gateway_toml(), text).expect("write");
-    let gw = f.start().await;
-    let https = gw.https.expect("https");
+    let (_backend, f, gw) = queueing_gateway(1, "10s").await;
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut sockets = Vec::new();
     for _ in 0..threads {
-        let tls = tls_connect(
-            https,
-            client_config(&f.pki.ca_der(), &[b"http/1.1"], true),
-            "webmail.example.net",
-        )
-        .await
-        .expect("tls");
-        let (ws, resp) = tokio_tungstenite::client_async("wss://webmail.example.net/ws", tls)
-            .await
-            .expect("websocket handshake through the gateway");
-        assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
-        sockets.push(ws);
+        sockets.push(websocket(&f, &gw).await);
     }
+    let https = gw.https.expect("https");
     let mut c = https_client(https, &f.pki.ca_der(), "webmail.example.net", true).await;
     let r = tokio::time::timeout(
         std::time::Duration::from_secs(3),
