@@ -342,10 +342,11 @@ async fn serve_tls(
     // block ends the stream's storage before the serving await (a moved-from local would
     // otherwise still take room in this future).
     let served: Pin<Box<dyn Future<Output = ()> + Send>> = {
-        let Some((stream, sni, cert)) = Box::pin(handshake(tcp, peer, &gw, stop)).await else {
+        let Some((mut stream, sni, cert)) = Box::pin(handshake(tcp, peer, &gw, stop)).await else {
             return;
         };
         let h2 = stream.alpn_protocol() == Some(b"h2");
+        stream.coalesce(h2);
         let conn = Arc::new(Conn::new(gw, peer, Some((sni, cert))));
         if h2 {
             Box::pin(serve_http(TokioIo::new(stream), conn, Some(true), watcher))

@@ -32,6 +32,9 @@ const READ_SIZE: usize = 4096;
 const MAX_IN: usize = 0xffff + 16384 + 2048 + 5;
 /// Plaintext encrypted per write call: four full records.
 const WRITE_CHUNK: usize = 4 * 16384;
+/// Writes this large go out at once even when coalescing: a batch that size is worth its
+/// record and system call, and a download is not held up once per chunk.
+pub const COALESCE_BELOW: usize = 4096;
 /// Room first offered to rustls per record written; it asks for more when it needs it.
 const RECORD_OVERHEAD: usize = 64;
 
@@ -48,6 +51,10 @@ pub struct TlsStream<IO> {
     read_closed: bool,
     /// close_notify is queued: nothing more may be written.
     write_closed: bool,
+    /// Small writes wait for one turn of the runtime before they go out ([`Self::coalesce`]).
+    coalesce: bool,
+    /// The write under way has had its turn.
+    deferred: bool,
 }
 
 /// The stream's other buffers, apart from the received bytes that rustls borrows.
@@ -190,6 +197,15 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
     /// The ALPN protocol agreed in the handshake.
     pub fn alpn_protocol(&self) -> Option<&[u8]> {
         self.conn.alpn_protocol()
+    }
+
+    /// Makes a write smaller than [`COALESCE_BELOW`] wait until the tasks already queued on
+    /// the thread have run (the task wakes itself and goes to the back of the queue), then go
+    /// out with whatever was written meanwhile. For HTTP/2: the responses of many streams
+    /// finish one after another as their backend answers arrive, and each flush would
+    /// otherwise be a TLS record, a system call and a wake-up of the client of its own.
+    pub fn coalesce(&mut self, on: bool) {
+        self.coalesce = on;
     }
 
     /// Whether received bytes are waiting here (decrypted, or a record not yet complete), so
@@ -340,6 +356,8 @@ pub async fn handshake<IO: AsyncRead + AsyncWrite + Unpin>(
         bufs: Bufs::default(),
         read_closed: false,
         write_closed: false,
+        coalesce: false,
+        deferred: false,
     };
     loop {
         let step = match s.process(None, Out::Nothing) {
@@ -434,6 +452,12 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsStream<IO> {
         if this.bufs.out_pending() {
             ready!(this.poll_send(cx))?;
         }
+        if this.coalesce && data.len() < COALESCE_BELOW && !this.deferred {
+            this.deferred = true;
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        this.deferred = false;
         loop {
             match this.process(None, Out::Data(data)) {
                 Ok(Step::Wrote(n)) => {
@@ -559,6 +583,54 @@ mod tests {
             exchange(&mut s, &mut c, 10).await;
             exchange(&mut s, &mut c, 300_000).await;
         }
+    }
+
+    /// Counts wake-ups.
+    #[derive(Default)]
+    struct Wakes(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for Wakes {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    #[tokio::test]
+    async fn coalesced_small_writes_wait_one_turn_and_large_ones_do_not() {
+        let (mut s, mut c) = pair(false).await;
+        let wakes = Arc::new(Wakes::default());
+        let waker = std::task::Waker::from(wakes.clone());
+        let mut cx = Context::from_waker(&waker);
+        let woken = || wakes.0.load(std::sync::atomic::Ordering::SeqCst);
+        let small: Vec<u8> = (0..100u8).collect();
+        let large = vec![7u8; COALESCE_BELOW];
+
+        s.coalesce(true);
+        let first = Pin::new(&mut s).poll_write(&mut cx, &small);
+        assert!(first.is_pending(), "a small write went out at once");
+        assert_eq!(woken(), 1, "the deferred write would never be polled again");
+        assert_eq!(
+            s.bufs.out_end, 0,
+            "the deferred write was encrypted already"
+        );
+        let again = Pin::new(&mut s).poll_write(&mut cx, &small);
+        assert!(matches!(again, Poll::Ready(Ok(100))), "{again:?}");
+        let big = Pin::new(&mut s).poll_write(&mut cx, &large);
+        assert!(
+            matches!(big, Poll::Ready(Ok(n)) if n == large.len()),
+            "{big:?}"
+        );
+        s.coalesce(false);
+        let plain = Pin::new(&mut s).poll_write(&mut cx, &small);
+        assert!(matches!(plain, Poll::Ready(Ok(100))), "{plain:?}");
+        assert_eq!(woken(), 1);
+        s.flush().await.expect("flush");
+
+        let mut got = vec![0; 200 + large.len()];
+        c.read_exact(&mut got).await.expect("client read");
+        assert_eq!(got[..100], small[..]);
+        assert_eq!(got[100..100 + large.len()], large[..]);
+        assert_eq!(got[100 + large.len()..], small[..]);
     }
 
     #[tokio::test]
