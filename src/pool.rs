@@ -145,13 +145,11 @@ impl Pool {
         };
         let rx = {
             let mut sh = self.lock(shard);
-            if let Some(s) = self.take_idle(&mut sh) {
-                sh.busy += 1;
-                return (Some(s), lease());
-            }
+            // The limit holds even with idle connections at hand: those are left over from a
+            // burst that went past it, and using them would keep the pool that large.
             if sh.busy < self.queue_after_busy {
                 sh.busy += 1;
-                return (None, lease());
+                return (self.take_idle(&mut sh), lease());
             }
             let (tx, rx) = oneshot::channel();
             let tick = sh.tick;
@@ -172,11 +170,13 @@ impl Pool {
         drop(waiting);
         match granted {
             Ok(Grant::Conn(s)) => (Some(s), lease()),
-            Ok(Grant::Place) => (None, lease()),
+            // Past the limit, on an idle connection when there is one.
+            Ok(Grant::Place) => (self.pop_idle(shard), lease()),
             // Not sent while the pool lives; should it happen, go beyond the limit.
             Err(_) => {
-                self.lock(shard).busy += 1;
-                (None, lease())
+                let mut sh = self.lock(shard);
+                sh.busy += 1;
+                (self.take_idle(&mut sh), lease())
             }
         }
     }

@@ -541,6 +541,50 @@ async fn a_request_queued_past_queue_wait_opens_its_own_backend_connection() {
     gw.stop().await.expect("gateway task");
 }
 
+// Connections opened past the limit stay idle afterwards; they must not lift it.
+#[tokio::test]
+async fn connections_left_over_from_a_burst_do_not_lift_the_limit() {
+    let (backend, f, gw) = queueing_gateway(1, "1s").await;
+    let send = h2_connect(&f, &gw).await;
+    let upstream = gw.gateway.snapshot().upstream.clone();
+    let queued_now = |want: usize| {
+        let upstream = upstream.clone();
+        async move {
+            eventually(std::time::Duration::from_secs(5), || {
+                let n = upstream.queued();
+                async move { n == want }
+            })
+            .await
+        }
+    };
+    let long_poll = tokio::spawn(h2_get(&send, "/slow?ms=4000"));
+    assert!(
+        backend.reached(1).await,
+        "the long poll never reached the backend"
+    );
+    // Waits out queue_wait, opens a second connection, and leaves it idle.
+    let (status, _) = h2_get(&send, "/").await.expect("request past the limit");
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(backend_conns(&backend), 2);
+    // The long poll still holds the one place: this request queues despite the idle one.
+    let next = tokio::spawn(h2_get(&send, "/"));
+    assert!(
+        queued_now(1).await,
+        "the request took the left-over connection past the limit instead of queueing"
+    );
+    let (status, _) = next.await.expect("task").expect("queued request");
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        backend_conns(&backend),
+        2,
+        "past queue_wait the request opened a connection while an idle one was there"
+    );
+    assert!(!long_poll.is_finished());
+    let (status, _) = long_poll.await.expect("task").expect("long poll");
+    assert_eq!(status, StatusCode::OK);
+    gw.stop().await.expect("gateway task");
+}
+
 #[tokio::test]
 async fn an_abandoned_queued_request_does_not_keep_the_connection_it_waited_for() {
     let (backend, f, gw) = queueing_gateway(1, "10s").await;
