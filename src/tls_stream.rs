@@ -34,7 +34,7 @@ const MAX_IN: usize = 0xffff + 16384 + 2048 + 5;
 const WRITE_CHUNK: usize = 4 * 16384;
 /// Writes this large go out at once even when coalescing: a batch that size is worth its
 /// record and system call, and a download is not held up once per chunk.
-pub const COALESCE_BELOW: usize = 4096;
+const COALESCE_BELOW: usize = 4096;
 /// Room first offered to rustls per record written; it asks for more when it needs it.
 const RECORD_OVERHEAD: usize = 64;
 

@@ -496,6 +496,16 @@ async fn queueing_gateway(
     (backend, f, gw)
 }
 
+/// Whether, within 5 s, exactly `want` requests wait in the gateway's backend queue.
+async fn queued_now(gw: &logon_gate::server::Running, want: usize) -> bool {
+    let upstream = gw.gateway.snapshot().upstream.clone();
+    eventually(std::time::Duration::from_secs(5), || {
+        let n = upstream.queued();
+        async move { n == want }
+    })
+    .await
+}
+
 fn backend_conns(backend: &Backend) -> usize {
     backend.conns.load(std::sync::atomic::Ordering::SeqCst)
 }
@@ -546,17 +556,6 @@ async fn a_request_queued_past_queue_wait_opens_its_own_backend_connection() {
 async fn connections_left_over_from_a_burst_do_not_lift_the_limit() {
     let (backend, f, gw) = queueing_gateway(1, "1s").await;
     let send = h2_connect(&f, &gw).await;
-    let upstream = gw.gateway.snapshot().upstream.clone();
-    let queued_now = |want: usize| {
-        let upstream = upstream.clone();
-        async move {
-            eventually(std::time::Duration::from_secs(5), || {
-                let n = upstream.queued();
-                async move { n == want }
-            })
-            .await
-        }
-    };
     let long_poll = tokio::spawn(h2_get(&send, "/slow?ms=4000"));
     assert!(
         backend.reached(1).await,
@@ -569,7 +568,7 @@ async fn connections_left_over_from_a_burst_do_not_lift_the_limit() {
     // The long poll still holds the one place: this request queues despite the idle one.
     let next = tokio::spawn(h2_get(&send, "/"));
     assert!(
-        queued_now(1).await,
+        queued_now(&gw, 1).await,
         "the request took the left-over connection past the limit instead of queueing"
     );
     let (status, _) = next.await.expect("task").expect("queued request");
@@ -589,17 +588,6 @@ async fn connections_left_over_from_a_burst_do_not_lift_the_limit() {
 async fn an_abandoned_queued_request_does_not_keep_the_connection_it_waited_for() {
     let (backend, f, gw) = queueing_gateway(1, "10s").await;
     let send = h2_connect(&f, &gw).await;
-    let upstream = gw.gateway.snapshot().upstream.clone();
-    let queued_now = |want: usize| {
-        let upstream = upstream.clone();
-        async move {
-            eventually(std::time::Duration::from_secs(5), || {
-                let n = upstream.queued();
-                async move { n == want }
-            })
-            .await
-        }
-    };
     let first = tokio::spawn(h2_get(&send, "/slow?ms=1000"));
     assert!(
         backend.reached(1).await,
@@ -607,16 +595,16 @@ async fn an_abandoned_queued_request_does_not_keep_the_connection_it_waited_for(
     );
     // Queued behind the first, then given up by its client (the stream is reset).
     let abandoned = tokio::spawn(h2_get(&send, "/slow?ms=0"));
-    assert!(queued_now(1).await, "the second request never queued");
+    assert!(queued_now(&gw, 1).await, "the second request never queued");
     abandoned.abort();
     assert!(
-        queued_now(0).await,
+        queued_now(&gw, 0).await,
         "the abandoned request stayed in the queue"
     );
     // The place is still the first request's, so the next one queues too.
     let next = tokio::spawn(h2_get(&send, "/"));
     assert!(
-        queued_now(1).await,
+        queued_now(&gw, 1).await,
         "the abandoned request gave away a place it never had"
     );
     let (status, _) = first.await.expect("task").expect("first request");
