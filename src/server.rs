@@ -322,7 +322,7 @@ async fn accept_loop(
             } else {
                 let conn = Arc::new(Conn::new(gw.clone(), peer, None));
                 let io = watched(tcp, &conn);
-                Box::pin(serve_http(TokioIo::new(io), conn, None, watcher)).await;
+                Box::pin(serve_http(TokioIo::new(io), conn, None, watcher, stop)).await;
             }
             open.dec();
         };
@@ -347,9 +347,24 @@ async fn serve_tls(
         };
         let h2 = stream.alpn_protocol() == Some(b"h2");
         stream.coalesce(h2);
+        if h2 {
+            // HTTP/2 has no pings (see `serve_http`): a peer that vanished while a stream was
+            // open is found by TCP's.
+            let keepalive = gw.snapshot().table.settings.limits.keepalive_timeout;
+            if let Err(e) = probe_when_silent(stream.get_ref(), keepalive) {
+                tracing::debug!(%peer, error = %e, "TCP keep-alive not set");
+            }
+        }
         let conn = Arc::new(Conn::new(gw, peer, Some((sni, cert))));
         if h2 {
-            Box::pin(serve_http(TokioIo::new(stream), conn, Some(true), watcher))
+            let served = serve_http(
+                TokioIo::new(stream),
+                conn,
+                Some(true),
+                watcher,
+                stop.clone(),
+            );
+            Box::pin(served)
         } else {
             let io = Box::new(watched(stream, &conn));
             Box::pin(crate::park::serve(io, conn, watcher, stop.clone()))
@@ -412,12 +427,34 @@ fn h1_max_buf(limits: &Limits) -> usize {
     limits.max_request_header_bytes.max(8192)
 }
 
+/// TCP keep-alive probes once the connection has been silent for `after`, then every
+/// [`PROBE_EVERY`]; [`PROBES`] unanswered ones close it.
+pub fn probe_when_silent(tcp: &TcpStream, after: Duration) -> std::io::Result<()> {
+    let probes = socket2::TcpKeepalive::new()
+        .with_time(after)
+        .with_interval(PROBE_EVERY)
+        .with_retries(PROBES);
+    socket2::SockRef::from(tcp).set_tcp_keepalive(&probes)
+}
+
+/// Between TCP keep-alive probes ([`probe_when_silent`]).
+pub const PROBE_EVERY: Duration = Duration::from_secs(10);
+/// Unanswered TCP keep-alive probes that close a connection ([`probe_when_silent`]).
+pub const PROBES: u32 = 3;
+
 /// Serves HTTP on one connection. `h2`: `Some` when ALPN decided the protocol, `None` on plain
-/// HTTP (HTTP/1.1, or HTTP/2 with prior knowledge).
-async fn serve_http<IO>(io: IO, conn: Arc<Conn>, h2: Option<bool>, watcher: Watcher)
-where
+/// HTTP (HTTP/1.1, or HTTP/2 with prior knowledge). `watcher` is held until the end so a
+/// graceful shutdown waits for it; `stop` starts that shutdown here.
+async fn serve_http<IO>(
+    io: IO,
+    conn: Arc<Conn>,
+    h2: Option<bool>,
+    watcher: Watcher,
+    mut stop: watch::Receiver<bool>,
+) where
     IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
+    let _watcher = watcher;
     let limits = conn.gateway.snapshot().table.settings.limits;
     let exec = StreamExec::default();
     let mut builder = auto::Builder::new(exec.clone());
@@ -426,13 +463,27 @@ where
         Some(false) => builder.http1_only(),
         None => builder,
     };
-    configure(&mut builder, &limits);
+    // With ALPN h2, the connection is closed after `keepalive_timeout` without a stream, as
+    // nginx does. Plain HTTP is HTTP/1.1 (whose idle time `framing` keeps) or, rarely, HTTP/2
+    // with prior knowledge, which keeps hyper's keep-alive pings instead.
+    let idle_close = h2 == Some(true);
+    configure(&mut builder, &limits, !idle_close);
     let svc_conn = conn.clone();
     let svc = service_fn(move |req| handler::handle(svc_conn.clone(), req));
     let served = builder.serve_connection_with_upgrades(io, svc).into_owned();
+    let stopping = async move { stopped(&mut stop).await };
+    let run = exec.run(served).closing(
+        |c| c.graceful_shutdown(),
+        stopping,
+        idle_close.then_some(limits.keepalive_timeout),
+    );
     tokio::select! {
-        r = exec.run(watcher.watch(served)) => if let Err(e) = r {
-            tracing::debug!(peer = %conn.peer, error = %e, "connection ended with an error");
+        r = run => match r {
+            Some(Ok(())) => {}
+            Some(Err(e)) => {
+                tracing::debug!(peer = %conn.peer, error = %e, "connection ended with an error");
+            }
+            None => tracing::debug!(peer = %conn.peer, "idle connection did not close after its GOAWAY; dropped"),
         },
         // Dropping the connection closes it: the client's streams end with it.
         _ = conn.abuse.notified() => {
@@ -441,7 +492,8 @@ where
     }
 }
 
-fn configure(builder: &mut auto::Builder<StreamExec>, limits: &Limits) {
+/// hyper's settings; `pings`: HTTP/2 keep-alive pings at `keepalive_timeout`.
+fn configure(builder: &mut auto::Builder<StreamExec>, limits: &Limits, pings: bool) {
     builder
         .http1()
         .timer(TokioTimer::new())
@@ -455,7 +507,7 @@ fn configure(builder: &mut auto::Builder<StreamExec>, limits: &Limits) {
         .timer(TokioTimer::new())
         .max_concurrent_streams(limits.h2_max_concurrent_streams)
         .max_header_list_size(limits.max_request_header_bytes.min(u32::MAX as usize) as u32)
-        .keep_alive_interval(Some(limits.keepalive_timeout))
+        .keep_alive_interval(pings.then_some(limits.keepalive_timeout))
         .keep_alive_timeout(Duration::from_secs(20));
 }
 

@@ -5,6 +5,12 @@
 //! its frames, so a request crosses two task switches on the client side alone. Here the
 //! connection's future polls its streams itself ([`WithStreams`]): a stream that finishes its
 //! response hands it to the connection without waking another task.
+//!
+//! Knowing when the last stream has ended also gives HTTP/2 the idle timeout an nginx operator
+//! expects ([`WithStreams::closing`]): a connection with no open stream for `keepalive_timeout`
+//! is sent GOAWAY and closed. It takes one clock read each time the connection runs out of
+//! streams and a timer reset at most once per timeout, where hyper's keep-alive pings, which it
+//! replaces, took a lock, a clock read and a timer poll for every frame received.
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -12,10 +18,12 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use futures_util::FutureExt;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use futures_util::task::AtomicWaker;
+use tokio::time::{Instant, Sleep};
 
 type Stream = Pin<Box<dyn Future<Output = ()> + Send>>;
 
@@ -63,7 +71,90 @@ impl StreamExec {
             done: None,
             exec: self,
             streams: FuturesUnordered::new(),
+            closing: None,
         }
+    }
+}
+
+/// How long a connection closed for idling may take over its GOAWAY (hyper's HTTP/2 graceful
+/// close waits for the client's answer to a PING) before it is dropped: a client that vanished
+/// without a FIN never answers.
+pub const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(10);
+
+/// When and how [`WithStreams`] asks its connection to close.
+struct Closing<F> {
+    /// Starts the connection's graceful close (GOAWAY, then close once its streams are done).
+    close: fn(Pin<&mut F>),
+    /// Resolves when the gateway stops; `None` once it has.
+    stop: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    /// Close after this long without an open stream.
+    idle: Option<Duration>,
+    /// When the connection last ran out of streams (`None` while it has some).
+    since: Option<Instant>,
+    /// The idle deadline, then the grace deadline. Armed lazily: it may fire early, and is
+    /// set again from `since` when it does.
+    timer: Pin<Box<Sleep>>,
+    /// The close was asked for (by a stop or by idling).
+    asked: bool,
+    /// The close was asked for by idling: `timer` now runs out [`IDLE_CLOSE_GRACE`].
+    idled: bool,
+}
+
+/// What [`Closing::poll`] wants done.
+enum Step {
+    Wait,
+    /// Ask the connection to close, then poll it so it starts.
+    Close,
+    /// The connection idled, was asked to close, and has not within the grace time.
+    GiveUp,
+}
+
+impl<F> Closing<F> {
+    /// Called after the streams were polled: `idle_now` when there are none left, `became_idle`
+    /// when that is new in this poll.
+    fn poll(&mut self, cx: &mut Context<'_>, idle_now: bool, became_idle: bool) -> Step {
+        if let Some(stop) = &mut self.stop
+            && stop.as_mut().poll(cx).is_ready()
+        {
+            self.stop = None;
+            if !self.asked {
+                self.asked = true;
+                return Step::Close;
+            }
+        }
+        if self.idled {
+            return match self.timer.as_mut().poll(cx) {
+                Poll::Ready(()) => Step::GiveUp,
+                Poll::Pending => Step::Wait,
+            };
+        }
+        let Some(idle) = self.idle.filter(|_| !self.asked) else {
+            return Step::Wait;
+        };
+        if !idle_now {
+            // Busy: the timer is left as it is (it may wake the task once, for nothing).
+            self.since = None;
+            return Step::Wait;
+        }
+        let since = match self.since {
+            Some(t) if !became_idle => t,
+            _ => *self.since.insert(Instant::now()),
+        };
+        if self.timer.as_mut().poll(cx).is_pending() {
+            return Step::Wait;
+        }
+        let now = Instant::now();
+        if now < since + idle {
+            // Armed for an earlier idle period: wait out this one.
+            self.timer.as_mut().reset(since + idle);
+            if self.timer.as_mut().poll(cx).is_pending() {
+                return Step::Wait;
+            }
+        }
+        self.asked = true;
+        self.idled = true;
+        self.timer.as_mut().reset(now + IDLE_CLOSE_GRACE);
+        Step::Close
     }
 }
 
@@ -73,37 +164,75 @@ pub struct WithStreams<F: Future> {
     done: Option<F::Output>,
     exec: StreamExec,
     streams: FuturesUnordered<Stream>,
+    closing: Option<Closing<F>>,
 }
 
 impl<F: Future> Unpin for WithStreams<F> {}
 
-impl<F: Future> Future for WithStreams<F> {
-    type Output = F::Output;
+impl<F: Future> WithStreams<F> {
+    /// Asks the connection to close, through `close`, once `stop` resolves, and, with `idle`,
+    /// once it has had no open stream for that long. A connection closed for idling that has
+    /// not ended [`IDLE_CLOSE_GRACE`] later is dropped, and the future ends with `None`.
+    pub fn closing(
+        mut self,
+        close: fn(Pin<&mut F>),
+        stop: impl Future<Output = ()> + Send + 'static,
+        idle: Option<Duration>,
+    ) -> Self {
+        let now = Instant::now();
+        self.closing = Some(Closing {
+            close,
+            stop: Some(Box::pin(stop)),
+            idle,
+            since: Some(now),
+            timer: Box::pin(tokio::time::sleep_until(
+                now + idle.unwrap_or(IDLE_CLOSE_GRACE),
+            )),
+            asked: false,
+            idled: false,
+        });
+        self
+    }
+}
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+impl<F: Future> Future for WithStreams<F> {
+    /// The connection's output; `None` if it was dropped (see [`WithStreams::closing`]).
+    type Output = Option<F::Output>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
         let shared = &this.exec.shared;
         shared.task.register(cx.waker());
-        shared.polling.store(true, Ordering::Release);
-        if this.done.is_none()
-            && let Poll::Ready(out) = this.conn.as_mut().poll(cx)
-        {
-            this.done = Some(out);
+        loop {
+            shared.polling.store(true, Ordering::Release);
+            if this.done.is_none()
+                && let Poll::Ready(out) = this.conn.as_mut().poll(cx)
+            {
+                this.done = Some(out);
+            }
+            let mut inbox = shared.inbox.lock().unwrap_or_else(PoisonError::into_inner);
+            this.streams.extend(inbox.drain(..));
+            // Cleared under the lock: a stream queued after this drain finds it clear and wakes.
+            shared.polling.store(false, Ordering::Release);
+            drop(inbox);
+            let had_streams = !this.streams.is_empty();
+            // FuturesUnordered yields (and wakes this task) after a bounded number of polls, so
+            // a burst of ready streams cannot starve the thread's other connections.
+            while let Poll::Ready(Some(())) = this.streams.poll_next_unpin(cx) {}
+            let idle = this.streams.is_empty();
+            if idle && let Some(out) = this.done.take() {
+                return Poll::Ready(Some(out));
+            }
+            let Some(closing) = this.closing.as_mut().filter(|_| this.done.is_none()) else {
+                return Poll::Pending;
+            };
+            match closing.poll(cx, idle, had_streams && idle) {
+                Step::Wait => return Poll::Pending,
+                Step::GiveUp => return Poll::Ready(None),
+                // Polled again at once: the connection starts its close in its next poll.
+                Step::Close => (closing.close)(this.conn.as_mut()),
+            }
         }
-        let mut inbox = shared.inbox.lock().unwrap_or_else(PoisonError::into_inner);
-        this.streams.extend(inbox.drain(..));
-        // Cleared under the lock: a stream queued after this drain finds it clear and wakes.
-        shared.polling.store(false, Ordering::Release);
-        drop(inbox);
-        // FuturesUnordered yields (and wakes this task) after a bounded number of polls, so a
-        // burst of ready streams cannot starve the thread's other connections.
-        while let Poll::Ready(Some(())) = this.streams.poll_next_unpin(cx) {}
-        if this.streams.is_empty()
-            && let Some(out) = this.done.take()
-        {
-            return Poll::Ready(out);
-        }
-        Poll::Pending
     }
 }
 
@@ -117,7 +246,7 @@ mod tests {
     fn conn_until_told<T: Send + 'static>(
         exec: &StreamExec,
         out: T,
-    ) -> (oneshot::Sender<()>, tokio::task::JoinHandle<T>) {
+    ) -> (oneshot::Sender<()>, tokio::task::JoinHandle<Option<T>>) {
         let (end_conn, conn_ends) = oneshot::channel::<()>();
         let run = tokio::spawn(exec.clone().run(async move {
             let _ = conn_ends.await;
@@ -148,7 +277,7 @@ mod tests {
         );
         release.send(()).expect("stream alive");
         let out = (&mut run).await.expect("join");
-        assert_eq!(out, "conn done");
+        assert_eq!(out, Some("conn done"));
         assert!(
             finished.try_recv().is_ok(),
             "the stream did not run to its end"
@@ -172,7 +301,7 @@ mod tests {
         end_conn.send(()).expect("conn alive");
         assert_eq!(
             run.await.expect("the connection's task panicked"),
-            "conn done"
+            Some("conn done")
         );
     }
 
@@ -193,5 +322,134 @@ mod tests {
         );
         end_conn.send(()).expect("conn alive");
         run.await.expect("join");
+    }
+
+    /// A connection that ends once asked to close, or, with `deaf`, never does; it counts the
+    /// asks.
+    struct Fake {
+        asked: Arc<std::sync::atomic::AtomicU32>,
+        deaf: bool,
+    }
+
+    impl Future for Fake {
+        type Output = &'static str;
+        fn poll(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<&'static str> {
+            if !self.deaf && self.asked.load(Ordering::SeqCst) > 0 {
+                Poll::Ready("closed")
+            } else {
+                Poll::Pending
+            }
+        }
+    }
+
+    fn ask(c: Pin<&mut Fake>) {
+        c.asked.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn fake(deaf: bool) -> (Fake, Arc<std::sync::atomic::AtomicU32>) {
+        let asked = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let conn = Fake {
+            asked: asked.clone(),
+            deaf,
+        };
+        (conn, asked)
+    }
+
+    const IDLE: Duration = Duration::from_secs(60);
+
+    /// `fut`'s output, or a failure once an hour of (paused, so instant) time has passed.
+    async fn within_an_hour<T>(fut: impl Future<Output = T>) -> T {
+        tokio::time::timeout(Duration::from_secs(3600), fut)
+            .await
+            .expect("still running after an hour")
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_connection_is_asked_to_close_after_the_idle_time_and_not_before() {
+        let exec = StreamExec::default();
+        let (conn, asked) = fake(false);
+        let start = Instant::now();
+        let run = tokio::spawn(
+            exec.run(conn)
+                .closing(ask, std::future::pending(), Some(IDLE)),
+        );
+        assert_eq!(within_an_hour(run).await.expect("join"), Some("closed"));
+        assert_eq!(asked.load(Ordering::SeqCst), 1);
+        assert_eq!(start.elapsed(), IDLE, "closed after the wrong time");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_idle_time_counts_from_the_end_of_the_last_stream() {
+        let exec = StreamExec::default();
+        let (conn, asked) = fake(false);
+        let start = Instant::now();
+        let run = tokio::spawn(exec.clone().run(conn).closing(
+            ask,
+            std::future::pending(),
+            Some(IDLE),
+        ));
+        // Streams back to back for two and a half idle times, with short gaps between.
+        for _ in 0..5 {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            let (done, wait) = oneshot::channel::<()>();
+            exec.execute(async move {
+                tokio::time::sleep(Duration::from_secs(25)).await;
+                let _ = done.send(());
+            });
+            let _ = wait.await;
+            assert_eq!(asked.load(Ordering::SeqCst), 0, "closed while in use");
+        }
+        let last_ended = start.elapsed();
+        assert_eq!(last_ended, Duration::from_secs(150));
+        assert_eq!(within_an_hour(run).await.expect("join"), Some("closed"));
+        assert_eq!(start.elapsed() - last_ended, IDLE);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_that_ends_in_the_poll_it_began_in_still_counts_as_use() {
+        let exec = StreamExec::default();
+        let (conn, _) = fake(false);
+        let start = Instant::now();
+        let run = tokio::spawn(exec.clone().run(conn).closing(
+            ask,
+            std::future::pending(),
+            Some(IDLE),
+        ));
+        tokio::time::sleep(Duration::from_secs(50)).await;
+        exec.execute(async {});
+        assert_eq!(within_an_hour(run).await.expect("join"), Some("closed"));
+        assert_eq!(start.elapsed(), Duration::from_secs(50) + IDLE);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_that_does_not_close_after_idling_is_dropped_after_the_grace_time() {
+        let exec = StreamExec::default();
+        let (conn, asked) = fake(true);
+        let start = Instant::now();
+        let run = exec
+            .run(conn)
+            .closing(ask, std::future::pending(), Some(IDLE));
+        assert_eq!(within_an_hour(run).await, None);
+        assert_eq!(asked.load(Ordering::SeqCst), 1, "asked more than once");
+        assert_eq!(start.elapsed(), IDLE + IDLE_CLOSE_GRACE);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stop_asks_at_once_and_without_an_idle_time_nothing_else_does() {
+        let exec = StreamExec::default();
+        let (conn, asked) = fake(false);
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let stop = async move {
+            let _ = stop_rx.await;
+        };
+        let mut run = tokio::spawn(exec.run(conn).closing(ask, stop, None));
+        tokio::time::sleep(IDLE * 10).await;
+        assert!(!run.is_finished(), "closed with no idle time set");
+        assert_eq!(asked.load(Ordering::SeqCst), 0);
+        let at = Instant::now();
+        stop_tx.send(()).expect("run alive");
+        assert_eq!((&mut run).await.expect("join"), Some("closed"));
+        assert_eq!(at.elapsed(), Duration::ZERO);
+        assert_eq!(asked.load(Ordering::SeqCst), 1);
     }
 }

@@ -438,6 +438,126 @@ async fn raw_h2(
     (client, tokio::spawn(conn))
 }
 
+/// HTTP/2 as nginx does it: a connection with no open stream for `keepalive_timeout` is sent
+/// GOAWAY and closed cleanly; a response slower than that is not cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_http2_connection_is_closed_at_the_keepalive_timeout() {
+    let backend = Backend::start().await;
+    let f = Fixture::new(&backend.url(), "[limits]\nkeepalive_timeout = \"1s\"\n");
+    let gw = f.start().await;
+    let (client, mut conn) = raw_h2(&gw, &f).await;
+    let mut client = client.ready().await.expect("ready");
+    let req = http::Request::builder()
+        .uri("https://webmail.example.net/slow?ms=2500")
+        .body(())
+        .expect("request");
+    let (resp, _) = client.send_request(req, true).expect("send");
+    let resp = tokio::time::timeout(Duration::from_secs(10), resp)
+        .await
+        .expect("no answer in 10 s")
+        .expect("the stream was cut while its response was under way");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body();
+    let mut got = Vec::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.expect("body");
+        let _ = body.flow_control().release_capacity(chunk.len());
+        got.extend_from_slice(&chunk);
+    }
+    assert!(got.ends_with(b"slow done"), "{got:?}");
+    assert!(!conn.is_finished(), "closed while a stream was open");
+
+    let idle = Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(6), &mut conn).await;
+    let after = idle.elapsed();
+    match ended {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => panic!("closed with an error, not a clean GOAWAY: {e}"),
+        Ok(Err(e)) => panic!("client task: {e}"),
+        Err(_) => panic!("an idle HTTP/2 connection was still open after 6 s"),
+    }
+    assert!(
+        after >= Duration::from_millis(800) && after < Duration::from_millis(3000),
+        "closed {after:?} after its last stream; keepalive_timeout is 1s"
+    );
+    gw.stop().await.expect("gateway task");
+}
+
+/// The gateway's end of the TCP connection from `client` to `server` in /proc/net/tcp: its
+/// timer kind (2: keep-alive) and seconds until that timer fires.
+fn server_side_timer(server: std::net::SocketAddr, client: std::net::SocketAddr) -> (u8, f64) {
+    let hex = |a: std::net::SocketAddr| {
+        let std::net::IpAddr::V4(ip) = a.ip() else {
+            panic!("IPv4 expected: {a}")
+        };
+        // The address as the kernel's u32 in host (little-endian) order, then the port.
+        format!("{:08X}:{:04X}", u32::from_le_bytes(ip.octets()), a.port())
+    };
+    let (local, remote) = (hex(server), hex(client));
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+    for line in table.lines().skip(1) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.get(1) == Some(&local.as_str()) && f.get(2) == Some(&remote.as_str()) {
+            let (kind, when) = f[5].split_once(':').expect("tr:tm->when");
+            let kind = kind.parse().expect("timer kind");
+            // Clock ticks, USER_HZ = 100 on Linux.
+            let when = u64::from_str_radix(when, 16).expect("tm->when") as f64 / 100.0;
+            return (kind, when);
+        }
+    }
+    panic!("no socket {local} -> {remote} in /proc/net/tcp")
+}
+
+/// HTTP/2 has no pings (an idle connection is closed instead): a peer that vanishes while a
+/// stream is open is found by TCP keep-alive probes, armed for `keepalive_timeout` of silence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_connections_probe_a_silent_peer_with_tcp_keepalive() {
+    let backend = Backend::start().await;
+    let f = Fixture::new(&backend.url(), "[limits]\nkeepalive_timeout = \"30s\"\n");
+    let gw = f.start().await;
+    let https = gw.https.expect("https");
+    for (alpn, probed) in [(&b"h2"[..], true), (&b"http/1.1"[..], false)] {
+        let tls = tls_connect(
+            https,
+            client_config(&f.pki.ca_der(), &[alpn], true),
+            "webmail.example.net",
+        )
+        .await
+        .expect("tls");
+        let client = tls.get_ref().0.local_addr().expect("client address");
+        let mut c = if probed {
+            Client::h2(tls).await
+        } else {
+            Client::h1(tls).await
+        };
+        assert_eq!(
+            c.get("webmail.example.net", "/").await.status,
+            StatusCode::OK
+        );
+        // Kind 1 (retransmission or loss probe) lasts until the client's ACKs are in.
+        let mut timer = server_side_timer(https, client);
+        let settled = Instant::now() + Duration::from_secs(3);
+        while timer.0 == 1 && Instant::now() < settled {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            timer = server_side_timer(https, client);
+        }
+        let (kind, when) = timer;
+        if probed {
+            assert_eq!(kind, 2, "no keep-alive timer on an HTTP/2 connection");
+            assert!(
+                (20.0..=30.0).contains(&when),
+                "first probe in {when} s; keepalive_timeout is 30s"
+            );
+        } else {
+            assert_eq!(
+                kind, 0,
+                "HTTP/1.1 is closed at keepalive_timeout; no probes"
+            );
+        }
+    }
+    gw.stop().await.expect("gateway task");
+}
+
 #[tokio::test]
 async fn http2_rapid_reset_is_cut_off() {
     let backend = Backend::start().await;
