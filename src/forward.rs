@@ -1,14 +1,17 @@
 //! Forwarding to the webmail backend: a pooled HTTP/1.1 client, proxy headers, streaming bodies
 //! both ways, Upgrade (WebSocket) pass-through and the connect/response timeouts.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::future::Either;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
+use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::access::Counted;
 use crate::config::{Backend, Limits};
@@ -92,12 +95,33 @@ impl Upstream {
         self.backend == *backend && self.max_in_flight == limits.backend_max_in_flight
     }
 
-    /// Sends `req` to the backend and returns its response head with the body streaming.
-    pub async fn forward(
+    /// Prepares `req` for the backend (origin-form URI, hop-by-hop headers out, proxy headers
+    /// in), then returns the future that sends it and gives the response head, with the body
+    /// streaming.
+    ///
+    /// The preparation runs here, before the future exists: as an async fn, this would keep
+    /// the request three times over in the future (as given, moved into its body, and taken
+    /// apart), and hyper moves a stream's whole future a few times before it first runs.
+    pub fn forward<'a>(
+        &'a self,
+        req: Request<Counted>,
+        client: &ClientSide<'_>,
+    ) -> impl Future<Output = Result<Response<PoolBody>, ForwardError>> + Send + 'a {
+        match self.prepare(req, client) {
+            Ok((req, permit, client_upgrade)) => {
+                Either::Right(self.send(req, permit, client_upgrade))
+            }
+            Err(e) => Either::Left(std::future::ready(Err(e))),
+        }
+    }
+
+    /// `forward`'s first half: the request as the backend gets it, a place among
+    /// `backend_max_in_flight`, and the client's side of an upgrade it asks for.
+    fn prepare(
         &self,
         mut req: Request<Counted>,
         client: &ClientSide<'_>,
-    ) -> Result<Response<PoolBody>, ForwardError> {
+    ) -> Result<(Request<Counted>, OwnedSemaphorePermit, Option<OnUpgrade>), ForwardError> {
         let permit = self
             .in_flight
             .clone()
@@ -116,33 +140,52 @@ impl Upstream {
             headers.insert(header::UPGRADE, proto);
         }
         set_proxy_headers(headers, client);
+        Ok((Request::from_parts(parts, body), permit, client_upgrade))
+    }
 
-        let sent = self.pool.send(Request::from_parts(parts, body));
-        let mut resp = match tokio::time::timeout(self.backend.response_timeout, sent).await {
-            Err(_) => return Err(ForwardError::Timeout(self.backend.response_timeout)),
-            Ok(Err(PoolError::Connect(e))) => return Err(ForwardError::Unreachable(e)),
-            Ok(Err(PoolError::Request(e))) => return Err(ForwardError::Failed(error_chain(&e))),
-            Ok(Ok(r)) => r,
-        };
-
-        if resp.status() == StatusCode::SWITCHING_PROTOCOLS
-            && let Some(client_upgrade) = client_upgrade
-        {
-            resp.body_mut().detach();
-            let backend_upgrade = hyper::upgrade::on(&mut resp);
-            tokio::spawn(async move {
-                // The permit is held for the life of the tunnel.
-                let _permit = permit;
-                if let (Ok(c), Ok(b)) = tokio::join!(client_upgrade, backend_upgrade) {
-                    let mut c = TokioIo::new(c);
-                    let mut b = TokioIo::new(b);
-                    let _ = tokio::io::copy_bidirectional(&mut c, &mut b).await;
+    /// `forward`'s second half.
+    #[allow(
+        clippy::manual_async_fn,
+        reason = "an async fn keeps its arguments twice: as given, and moved into its body"
+    )]
+    fn send(
+        &self,
+        req: Request<Counted>,
+        permit: OwnedSemaphorePermit,
+        client_upgrade: Option<OnUpgrade>,
+    ) -> impl Future<Output = Result<Response<PoolBody>, ForwardError>> + Send + '_ {
+        async move {
+            let sent = self.pool.send(req);
+            let timeout = self.backend.response_timeout;
+            let mut resp = match tokio::time::timeout(timeout, sent).await {
+                Err(_) => return Err(ForwardError::Timeout(timeout)),
+                Ok(Err(PoolError::Connect(e))) => return Err(ForwardError::Unreachable(e)),
+                Ok(Err(PoolError::Request(e))) => {
+                    return Err(ForwardError::Failed(error_chain(&e)));
                 }
-            });
-        } else {
-            strip_hop_by_hop(resp.headers_mut());
+                Ok(Ok(r)) => r,
+            };
+
+            if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+                && let Some(client_upgrade) = client_upgrade
+            {
+                resp.body_mut().detach();
+                let backend_upgrade = hyper::upgrade::on(&mut resp);
+                tokio::spawn(async move {
+                    // The permit is held for the life of the tunnel.
+                    let _permit = permit;
+                    if let (Ok(c), Ok(b)) = tokio::join!(client_upgrade, backend_upgrade) {
+                        let mut c = TokioIo::new(c);
+                        let mut b = TokioIo::new(b);
+                        let _ = tokio::io::copy_bidirectional(&mut c, &mut b).await;
+                    }
+                });
+            } else {
+                strip_hop_by_hop(resp.headers_mut());
+                drop(permit);
+            }
+            Ok(resp)
         }
-        Ok(resp)
     }
 
     /// The origin-form URI sent to the backend: its base path, then the request's path and

@@ -2,6 +2,7 @@
 //! short page that says why. Refusals never reach the backend.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -112,108 +113,120 @@ fn smuggling_shape(req: &Request<Incoming>) -> bool {
 }
 
 /// Serves one request; never fails (errors become pages).
-pub async fn handle(conn: Arc<Conn>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
-    let mut guard = CancelGuard {
-        conn: &conn,
-        done: false,
-    };
-    let resp = handle_inner(&conn, req).await;
-    guard.done = true;
-    Ok(resp)
-}
+///
+/// One async block, not an async fn nor a wrapper around an inner one: an async fn keeps its
+/// arguments twice in its future (as given, and moved into its body), and hyper moves a
+/// stream's whole future a few times before it first runs.
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn keeps its arguments twice: as given, and moved into its body"
+)]
+pub fn handle(
+    conn: Arc<Conn>,
+    req: Request<Incoming>,
+) -> impl Future<Output = Result<Response<Body>, Infallible>> + Send {
+    async move {
+        let mut guard = CancelGuard {
+            conn: &conn,
+            done: false,
+        };
+        let conn = &*conn;
+        // A serving thread busy for a whole slice offers its core here (workers' module doc).
+        crate::workers::checkpoint();
+        let started = Instant::now();
+        let h1 = req.version() <= http::Version::HTTP_11;
+        let snapshot = conn.gateway.live.load_full();
+        let authority = authority_of(&req);
+        let mut buf: HostBuf = [0; host::MAX_HOST_LEN + 2];
+        let tls = conn.tls.as_ref().map(|(sni, cert)| TlsFacts { sni, cert });
+        // Counted for every HTTP/1.x request, so the framing watch's request numbers line up.
+        let ambiguous = h1 && conn.framing.begin();
+        let decision = match &authority {
+            _ if ambiguous || smuggling_shape(&req) => Decision::BadFraming,
+            Ok(a) => policy::decide(
+                &snapshot.table,
+                tls.as_ref(),
+                a.as_ref().map(HeaderValue::as_bytes),
+                &mut buf,
+            ),
+            Err(()) => Decision::BadHost,
+        };
+        // The access line's parts are gathered only when it will be written.
+        let logging = tracing::enabled!(target: "access", tracing::Level::INFO);
+        let method = req.method().clone();
+        // Cheap clones (shared bytes), no allocation; a counter only for requests with a body.
+        let uri = logging.then(|| req.uri().clone());
+        let bytes_in = (logging && !hyper::body::Body::is_end_stream(req.body()))
+            .then(|| Arc::new(AtomicU64::new(0)));
+        let mut upstream = None;
 
-async fn handle_inner(conn: &Conn, req: Request<Incoming>) -> Response<Body> {
-    // A serving thread busy for a whole slice offers its core here (workers' module doc).
-    crate::workers::checkpoint();
-    let started = Instant::now();
-    let h1 = req.version() <= http::Version::HTTP_11;
-    let snapshot = conn.gateway.live.load_full();
-    let authority = authority_of(&req);
-    let mut buf: HostBuf = [0; host::MAX_HOST_LEN + 2];
-    let tls = conn.tls.as_ref().map(|(sni, cert)| TlsFacts { sni, cert });
-    // Counted for every HTTP/1.x request, so the framing watch's request numbers line up.
-    let ambiguous = h1 && conn.framing.begin();
-    let decision = match &authority {
-        _ if ambiguous || smuggling_shape(&req) => Decision::BadFraming,
-        Ok(a) => policy::decide(
-            &snapshot.table,
-            tls.as_ref(),
-            a.as_ref().map(HeaderValue::as_bytes),
-            &mut buf,
-        ),
-        Err(()) => Decision::BadHost,
-    };
-    // The access line's parts are gathered only when it will be written.
-    let logging = tracing::enabled!(target: "access", tracing::Level::INFO);
-    let method = req.method().clone();
-    // Cheap clones (shared bytes), no allocation; a counter only for requests with a body.
-    let uri = logging.then(|| req.uri().clone());
-    let bytes_in = (logging && !hyper::body::Body::is_end_stream(req.body()))
-        .then(|| Arc::new(AtomicU64::new(0)));
-    let mut upstream = None;
-
-    let (resp, upstream_error) = match (decision, &authority) {
-        (Decision::Forward { tenant, .. }, Ok(Some(authority))) => {
-            let client = ClientSide {
-                peer_ip: &conn.peer_ip,
-                forwarded_for: &conn.forwarded_for,
-                https: conn.tls.is_some(),
-                authority,
-                tenant: tenant.map(|t| &t.header),
-            };
-            let req = req.map(|b| Counted::new(b, bytes_in.clone()));
-            let sent = logging.then(Instant::now);
-            let result = snapshot.upstream.forward(req, &client).await;
-            upstream = sent.map(|t| t.elapsed());
-            match result {
-                Ok(r) => (r.map(Either::Left), None),
-                Err(e) => {
-                    let page = page(e.status(), &format!("{e}."));
-                    (page, Some(e))
+        let (resp, upstream_error) = match (decision, &authority) {
+            (Decision::Forward { tenant, .. }, Ok(Some(authority))) => {
+                let client = ClientSide {
+                    peer_ip: &conn.peer_ip,
+                    forwarded_for: &conn.forwarded_for,
+                    https: conn.tls.is_some(),
+                    authority,
+                    tenant: tenant.map(|t| &t.header),
+                };
+                let req = req.map(|b| Counted::new(b, bytes_in.clone()));
+                let sent = logging.then(Instant::now);
+                let result = snapshot.upstream.forward(req, &client).await;
+                upstream = sent.map(|t| t.elapsed());
+                match result {
+                    Ok(r) => (r.map(Either::Left), None),
+                    Err(e) => {
+                        let page = page(e.status(), &format!("{e}."));
+                        (page, Some(e))
+                    }
                 }
             }
-        }
-        (Decision::RedirectHttps { host, .. }, _) => (redirect(&conn.gateway, host, &req), None),
-        (Decision::Forward { .. }, _) => (
-            page(StatusCode::BAD_REQUEST, &refusal_text(&Decision::BadHost)),
-            None,
-        ),
-        (ref refused, _) => (page(refused.status(), &refusal_text(refused)), None),
-    };
+            (Decision::RedirectHttps { host, .. }, _) => {
+                (redirect(&conn.gateway, host, &req), None)
+            }
+            (Decision::Forward { .. }, _) => (
+                page(StatusCode::BAD_REQUEST, &refusal_text(&Decision::BadHost)),
+                None,
+            ),
+            (ref refused, _) => (page(refused.status(), &refusal_text(refused)), None),
+        };
 
-    let status = resp.status().as_u16();
-    if h1 && status == 101 {
-        conn.framing.set_tunnel();
+        let status = resp.status().as_u16();
+        if h1 && status == 101 {
+            conn.framing.set_tunnel();
+        }
+        let elapsed = started.elapsed();
+        let m = &conn.gateway.metrics;
+        m.request(decision.label(), status);
+        m.duration.observe(elapsed.as_secs_f64());
+        if let Some(e) = &upstream_error {
+            m.upstream_errors
+                .get_or_create(&crate::metrics::KindLabel { kind: e.label() })
+                .inc();
+        }
+        let record = uri.map(|uri| {
+            Box::new(Record {
+                started,
+                client: conn.peer,
+                host: authority
+                    .ok()
+                    .flatten()
+                    .filter(|_| decision.host().is_some()),
+                tenant: decision.tenant().map(|t| t.header.clone()),
+                method,
+                uri,
+                status,
+                decision: decision.label(),
+                upstream,
+                upstream_error: upstream_error.as_ref().map(|e| e.label()),
+                bytes_in,
+            })
+        });
+        let done = h1.then(|| conn.framing.clone());
+        let resp = resp.map(|b| Logged::new(b, record, done));
+        guard.done = true;
+        Ok(resp)
     }
-    let elapsed = started.elapsed();
-    let m = &conn.gateway.metrics;
-    m.request(decision.label(), status);
-    m.duration.observe(elapsed.as_secs_f64());
-    if let Some(e) = &upstream_error {
-        m.upstream_errors
-            .get_or_create(&crate::metrics::KindLabel { kind: e.label() })
-            .inc();
-    }
-    let record = uri.map(|uri| {
-        Box::new(Record {
-            started,
-            client: conn.peer,
-            host: authority
-                .ok()
-                .flatten()
-                .filter(|_| decision.host().is_some()),
-            tenant: decision.tenant().map(|t| t.header.clone()),
-            method,
-            uri,
-            status,
-            decision: decision.label(),
-            upstream,
-            upstream_error: upstream_error.as_ref().map(|e| e.label()),
-            bytes_in,
-        })
-    });
-    let done = h1.then(|| conn.framing.clone());
-    resp.map(|b| Logged::new(b, record, done))
 }
 
 /// The request's authority: `:authority`/absolute-form URI if present, else the one `Host`
