@@ -168,16 +168,18 @@ pub fn normalize_authority<'b>(raw: &[u8], buf: &'b mut HostBuf) -> Option<&'b s
     if host[0] != b'[' {
         let mut label_len = 0usize;
         for (o, &b) in out.iter_mut().zip(host) {
-            match b {
-                b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' => label_len += 1,
-                b'A'..=b'Z' => label_len += 1,
-                b'.' if label_len > 0 => label_len = 0,
-                _ => return None,
-            }
-            if label_len > 63 {
+            let c = NAME_BYTE[usize::from(b)];
+            if c == b'.' {
+                if label_len == 0 {
+                    return None;
+                }
+                label_len = 0;
+            } else if c == 0 || label_len == 63 {
                 return None;
+            } else {
+                label_len += 1;
             }
-            *o = b.to_ascii_lowercase();
+            *o = c;
         }
         if label_len == 0 {
             return None;
@@ -189,6 +191,23 @@ pub fn normalize_authority<'b>(raw: &[u8], buf: &'b mut HostBuf) -> Option<&'b s
     }
     std::str::from_utf8(out).ok()
 }
+
+/// What each byte of a host name becomes: letters lower-cased; digits, `-`, `_` and `.` kept;
+/// 0 for any other byte. One lookup a byte: this runs for every request.
+static NAME_BYTE: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        t[b] = match c {
+            b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => c,
+            b'A'..=b'Z' => c.to_ascii_lowercase(),
+            _ => 0,
+        };
+        b += 1;
+    }
+    t
+};
 
 /// Accepts an empty suffix or `:` followed by 1 to 5 digits.
 fn check_port(rest: &[u8]) -> Option<()> {
@@ -230,6 +249,22 @@ mod tests {
         );
         assert_eq!(norm("[::1]:443").as_deref(), Some("[::1]"));
         assert_eq!(norm("127.0.0.1:80").as_deref(), Some("127.0.0.1"));
+        assert_eq!(norm("_Srv-1.a.net").as_deref(), Some("_srv-1.a.net"));
+        let longest_label = format!("{}.net", "A".repeat(63));
+        assert_eq!(
+            norm(&longest_label),
+            Some(longest_label.to_ascii_lowercase())
+        );
+    }
+
+    #[test]
+    fn every_byte_outside_a_name_is_refused() {
+        let kept = |b: u8| b.is_ascii_alphanumeric() || b"-_.".contains(&b);
+        for b in (0..=255u8).filter(|&b| !kept(b) && b != b':' && b != b'[') {
+            let raw = [b'a', b, b'b'];
+            let mut buf = [0u8; MAX_HOST_LEN + 2];
+            assert_eq!(normalize_authority(&raw, &mut buf), None, "byte {b:#04x}");
+        }
     }
 
     #[test]
