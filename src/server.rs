@@ -429,7 +429,7 @@ fn h1_max_buf(limits: &Limits) -> usize {
 
 /// TCP keep-alive probes once the connection has been silent for `after`, then every
 /// [`PROBE_EVERY`]; [`PROBES`] unanswered ones close it.
-pub fn probe_when_silent(tcp: &TcpStream, after: Duration) -> std::io::Result<()> {
+fn probe_when_silent(tcp: &TcpStream, after: Duration) -> std::io::Result<()> {
     let probes = socket2::TcpKeepalive::new()
         .with_time(after)
         .with_interval(PROBE_EVERY)
@@ -438,9 +438,9 @@ pub fn probe_when_silent(tcp: &TcpStream, after: Duration) -> std::io::Result<()
 }
 
 /// Between TCP keep-alive probes ([`probe_when_silent`]).
-pub const PROBE_EVERY: Duration = Duration::from_secs(10);
+const PROBE_EVERY: Duration = Duration::from_secs(10);
 /// Unanswered TCP keep-alive probes that close a connection ([`probe_when_silent`]).
-pub const PROBES: u32 = 3;
+const PROBES: u32 = 3;
 
 /// Serves HTTP on one connection. `h2`: `Some` when ALPN decided the protocol, `None` on plain
 /// HTTP (HTTP/1.1, or HTTP/2 with prior knowledge). `watcher` is held until the end so a

@@ -87,17 +87,23 @@ struct Closing<F> {
     close: fn(Pin<&mut F>),
     /// Resolves when the gateway stops; `None` once it has.
     stop: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    /// The idle timeout, for connections that have one.
+    idle: Option<IdleClose>,
+    /// The close was asked for (by a stop or by idling).
+    asked: bool,
+}
+
+/// A connection's idle timeout and, once it ran out, the grace time of its close.
+struct IdleClose {
     /// Close after this long without an open stream.
-    idle: Option<Duration>,
+    after: Duration,
     /// When the connection last ran out of streams (`None` while it has some).
     since: Option<Instant>,
     /// The idle deadline, then the grace deadline. Armed lazily: it may fire early, and is
     /// set again from `since` when it does.
     timer: Pin<Box<Sleep>>,
-    /// The close was asked for (by a stop or by idling).
-    asked: bool,
     /// The close was asked for by idling: `timer` now runs out [`IDLE_CLOSE_GRACE`].
-    idled: bool,
+    expired: bool,
 }
 
 /// What [`Closing::poll`] wants done.
@@ -122,15 +128,31 @@ impl<F> Closing<F> {
                 return Step::Close;
             }
         }
-        if self.idled {
-            return match self.timer.as_mut().poll(cx) {
-                Poll::Ready(()) => Step::GiveUp,
-                Poll::Pending => Step::Wait,
-            };
+        match &mut self.idle {
+            Some(idle) if idle.expired => idle.poll_grace(cx),
+            Some(idle) if !self.asked => {
+                let step = idle.poll(cx, idle_now, became_idle);
+                self.asked = matches!(step, Step::Close);
+                step
+            }
+            _ => Step::Wait,
         }
-        let Some(idle) = self.idle.filter(|_| !self.asked) else {
-            return Step::Wait;
-        };
+    }
+}
+
+impl IdleClose {
+    fn new(after: Duration) -> IdleClose {
+        let now = Instant::now();
+        IdleClose {
+            after,
+            since: Some(now),
+            timer: Box::pin(tokio::time::sleep_until(now + after)),
+            expired: false,
+        }
+    }
+
+    /// [`Step::Close`] once the connection has had no stream for `after`.
+    fn poll(&mut self, cx: &mut Context<'_>, idle_now: bool, became_idle: bool) -> Step {
         if !idle_now {
             // Busy: the timer is left as it is (it may wake the task once, for nothing).
             self.since = None;
@@ -144,17 +166,24 @@ impl<F> Closing<F> {
             return Step::Wait;
         }
         let now = Instant::now();
-        if now < since + idle {
+        if now < since + self.after {
             // Armed for an earlier idle period: wait out this one.
-            self.timer.as_mut().reset(since + idle);
+            self.timer.as_mut().reset(since + self.after);
             if self.timer.as_mut().poll(cx).is_pending() {
                 return Step::Wait;
             }
         }
-        self.asked = true;
-        self.idled = true;
+        self.expired = true;
         self.timer.as_mut().reset(now + IDLE_CLOSE_GRACE);
         Step::Close
+    }
+
+    /// [`Step::GiveUp`] once the close asked for has taken [`IDLE_CLOSE_GRACE`].
+    fn poll_grace(&mut self, cx: &mut Context<'_>) -> Step {
+        match self.timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Step::GiveUp,
+            Poll::Pending => Step::Wait,
+        }
     }
 }
 
@@ -179,17 +208,11 @@ impl<F: Future> WithStreams<F> {
         stop: impl Future<Output = ()> + Send + 'static,
         idle: Option<Duration>,
     ) -> Self {
-        let now = Instant::now();
         self.closing = Some(Closing {
             close,
             stop: Some(Box::pin(stop)),
-            idle,
-            since: Some(now),
-            timer: Box::pin(tokio::time::sleep_until(
-                now + idle.unwrap_or(IDLE_CLOSE_GRACE),
-            )),
+            idle: idle.map(IdleClose::new),
             asked: false,
-            idled: false,
         });
         self
     }
@@ -357,6 +380,13 @@ mod tests {
 
     const IDLE: Duration = Duration::from_secs(60);
 
+    /// `conn` run on `exec`, closed after `IDLE` without a stream, never stopped.
+    fn closing_when_idle(exec: &StreamExec, conn: Fake) -> WithStreams<Fake> {
+        exec.clone()
+            .run(conn)
+            .closing(ask, std::future::pending(), Some(IDLE))
+    }
+
     /// `fut`'s output, or a failure once an hour of (paused, so instant) time has passed.
     async fn within_an_hour<T>(fut: impl Future<Output = T>) -> T {
         tokio::time::timeout(Duration::from_secs(3600), fut)
@@ -369,10 +399,7 @@ mod tests {
         let exec = StreamExec::default();
         let (conn, asked) = fake(false);
         let start = Instant::now();
-        let run = tokio::spawn(
-            exec.run(conn)
-                .closing(ask, std::future::pending(), Some(IDLE)),
-        );
+        let run = tokio::spawn(closing_when_idle(&exec, conn));
         assert_eq!(within_an_hour(run).await.expect("join"), Some("closed"));
         assert_eq!(asked.load(Ordering::SeqCst), 1);
         assert_eq!(start.elapsed(), IDLE, "closed after the wrong time");
@@ -383,11 +410,7 @@ mod tests {
         let exec = StreamExec::default();
         let (conn, asked) = fake(false);
         let start = Instant::now();
-        let run = tokio::spawn(exec.clone().run(conn).closing(
-            ask,
-            std::future::pending(),
-            Some(IDLE),
-        ));
+        let run = tokio::spawn(closing_when_idle(&exec, conn));
         // Streams back to back for two and a half idle times, with short gaps between.
         for _ in 0..5 {
             tokio::time::sleep(Duration::from_secs(5)).await;
@@ -410,11 +433,7 @@ mod tests {
         let exec = StreamExec::default();
         let (conn, _) = fake(false);
         let start = Instant::now();
-        let run = tokio::spawn(exec.clone().run(conn).closing(
-            ask,
-            std::future::pending(),
-            Some(IDLE),
-        ));
+        let run = tokio::spawn(closing_when_idle(&exec, conn));
         tokio::time::sleep(Duration::from_secs(50)).await;
         exec.execute(async {});
         assert_eq!(within_an_hour(run).await.expect("join"), Some("closed"));
@@ -426,9 +445,7 @@ mod tests {
         let exec = StreamExec::default();
         let (conn, asked) = fake(true);
         let start = Instant::now();
-        let run = exec
-            .run(conn)
-            .closing(ask, std::future::pending(), Some(IDLE));
+        let run = closing_when_idle(&exec, conn);
         assert_eq!(within_an_hour(run).await, None);
         assert_eq!(asked.load(Ordering::SeqCst), 1, "asked more than once");
         assert_eq!(start.elapsed(), IDLE + IDLE_CLOSE_GRACE);
