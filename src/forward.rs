@@ -137,13 +137,7 @@ impl Upstream {
         let (mut parts, body) = req.into_parts();
         parts.uri = self.backend_uri(&parts.uri)?;
         parts.version = Version::HTTP_11;
-        let headers = &mut parts.headers;
-        strip_hop_by_hop(headers);
-        if let Some(proto) = upgrade {
-            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-            headers.insert(header::UPGRADE, proto);
-        }
-        set_proxy_headers(headers, client);
+        parts.headers = backend_headers(std::mem::take(&mut parts.headers), client, upgrade);
         Ok((Request::from_parts(parts, body), permit, client_upgrade))
     }
 
@@ -394,19 +388,101 @@ pub fn peer_parts(peer: SocketAddr) -> (HeaderValue, Box<str>) {
     (value, forwarded.into())
 }
 
-fn set_proxy_headers(headers: &mut HeaderMap, client: &ClientSide<'_>) {
-    // Room for the six headers below at once: a map sized for the client's headers would
-    // otherwise grow (reallocate and rehash) partway through, on most requests.
-    headers.reserve(6);
-    match headers.get(&X_FORWARDED_FOR) {
+/// What [`backend_headers`] does with a header of the client's.
+#[derive(Clone, Copy, PartialEq)]
+enum Role {
+    Keep,
+    /// Hop-by-hop (RFC 9110 §7.6.1), or one the proxy headers replace.
+    Drop,
+    /// Dropped after its tokens are read: the headers it names are hop-by-hop too.
+    Connection,
+    /// Its values come first in the new `X-Forwarded-For`.
+    ForwardedFor,
+}
+
+/// The role of a client header, by one match on the name's text (lengths first, then bytes).
+fn role(name: &HeaderName) -> Role {
+    match name.as_str() {
+        "connection" => Role::Connection,
+        "x-forwarded-for" => Role::ForwardedFor,
+        "keep-alive"
+        | "proxy-connection"
+        | "proxy-authenticate"
+        | "proxy-authorization"
+        | "te"
+        | "trailer"
+        | "transfer-encoding"
+        | "upgrade"
+        | "host"
+        | "x-forwarded-proto"
+        | "x-forwarded-host"
+        | "forwarded"
+        | "x-logon-tenant" => Role::Drop,
+        _ => Role::Keep,
+    }
+}
+
+/// The headers the backend gets: the client's, less hop-by-hop ones (and any its Connection
+/// header names) and less those the proxy headers replace, then the proxy headers, and
+/// `Connection: upgrade` with `Upgrade` when the client asks for an `upgrade` the backend
+/// should see.
+///
+/// A new map sized for all of them, filled in one pass over the client's: the client's own
+/// map, sized for its headers, grew on nearly every request when the proxy headers went in
+/// (a reallocation and a rehash, 900 instructions), and was scanned once more for the
+/// hop-by-hop names.
+fn backend_headers(
+    from_client: HeaderMap,
+    client: &ClientSide<'_>,
+    upgrade: Option<HeaderValue>,
+) -> HeaderMap {
+    let mut headers = HeaderMap::with_capacity(from_client.len() + 8);
+    // Both rare, so not allocated unless used.
+    let mut connection: Vec<HeaderValue> = Vec::new();
+    let mut forwarded_for: Vec<HeaderValue> = Vec::new();
+    let mut current: Option<(HeaderName, Role)> = None;
+    // Each name comes once, followed by its further values with `None`.
+    for (name, value) in from_client {
+        if let Some(name) = name {
+            let role = role(&name);
+            current = Some((name, role));
+        }
+        match &current {
+            Some((name, Role::Keep)) => {
+                headers.append(name.clone(), value);
+            }
+            Some((_, Role::Connection)) => connection.push(value),
+            Some((_, Role::ForwardedFor)) => forwarded_for.push(value),
+            Some((_, Role::Drop)) | None => {}
+        }
+    }
+    for v in &connection {
+        for t in v.as_bytes().split(|&b| b == b',') {
+            let t = t.trim_ascii();
+            // `close`, `keep-alive` and `upgrade`, nearly all that is ever sent, name no
+            // header that is still there; only other tokens need a HeaderName (an allocation).
+            let usual = t.is_empty()
+                || t.eq_ignore_ascii_case(b"close")
+                || t.eq_ignore_ascii_case(b"keep-alive")
+                || t.eq_ignore_ascii_case(b"upgrade");
+            if !usual && let Ok(n) = HeaderName::from_bytes(t) {
+                if n == X_FORWARDED_FOR {
+                    forwarded_for.clear();
+                }
+                headers.remove(n);
+            }
+        }
+    }
+
+    headers.insert(header::HOST, client.authority.clone());
+    match forwarded_for.first() {
         Some(prev) if !prev.as_bytes().trim_ascii().is_empty() => {
-            let mut all: Vec<&str> = headers
-                .get_all(&X_FORWARDED_FOR)
+            let mut all: Vec<&str> = forwarded_for
                 .iter()
                 .filter_map(|v| v.to_str().ok())
                 .collect();
             all.push(client.peer_ip.to_str().unwrap_or_default());
-            set(headers, &X_FORWARDED_FOR, all.join(", "));
+            set(&mut headers, &X_FORWARDED_FOR, all.join(", "));
         }
         _ => {
             headers.insert(&X_FORWARDED_FOR, client.peer_ip.clone());
@@ -426,13 +502,16 @@ fn set_proxy_headers(headers: &mut HeaderMap, client: &ClientSide<'_>) {
     ];
     let mut forwarded = String::with_capacity(parts.iter().map(|p| p.len()).sum());
     parts.iter().for_each(|p| forwarded.push_str(p));
-    set(headers, &FORWARDED, forwarded);
-    headers.insert(header::HOST, client.authority.clone());
-    // `insert` replaces whatever the client sent.
-    match client.tenant {
-        Some(t) => headers.insert(&X_LOGON_TENANT, t.clone()),
-        None => headers.remove(&X_LOGON_TENANT),
-    };
+    set(&mut headers, &FORWARDED, forwarded);
+    // Never the client's: its own values were dropped above.
+    if let Some(t) = client.tenant {
+        headers.insert(&X_LOGON_TENANT, t.clone());
+    }
+    if let Some(proto) = upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, proto);
+    }
+    headers
 }
 
 fn set(headers: &mut HeaderMap, name: &HeaderName, value: String) {
@@ -488,51 +567,110 @@ mod tests {
         assert_eq!(h.len(), 1, "{h:?}");
     }
 
+    fn side<'a>(
+        peer: &'a (HeaderValue, Box<str>),
+        host: &'a HeaderValue,
+        https: bool,
+        tenant: Option<&'a HeaderValue>,
+    ) -> ClientSide<'a> {
+        ClientSide {
+            peer_ip: &peer.0,
+            forwarded_for: &peer.1,
+            https,
+            authority: host,
+            tenant,
+        }
+    }
+
     #[test]
     fn proxy_headers() {
         let mut h = HeaderMap::new();
         h.append(&X_FORWARDED_FOR, HeaderValue::from_static("203.0.113.9"));
         h.insert(&X_LOGON_TENANT, HeaderValue::from_static("evil.example"));
         let host = HeaderValue::from_static("webmail.example.net:8443");
-        let (peer_ip, forwarded_for) = peer_parts("[::1]:5555".parse().expect("addr"));
-        set_proxy_headers(
-            &mut h,
-            &ClientSide {
-                peer_ip: &peer_ip,
-                forwarded_for: &forwarded_for,
-                https: true,
-                authority: &host,
-                tenant: None,
-            },
-        );
+        let peer = peer_parts("[::1]:5555".parse().expect("addr"));
+        let h = backend_headers(h, &side(&peer, &host, true, None), None);
         assert_eq!(h[&X_FORWARDED_FOR], "203.0.113.9, ::1");
         assert_eq!(
             h[&FORWARDED],
             "for=\"[::1]\";host=\"webmail.example.net:8443\";proto=https"
         );
         assert_eq!(h[&X_FORWARDED_PROTO], "https");
+        assert_eq!(h[&X_FORWARDED_HOST], "webmail.example.net:8443");
         assert_eq!(h[header::HOST], "webmail.example.net:8443");
         assert!(!h.contains_key(&X_LOGON_TENANT));
+        assert_eq!(h.len(), 5, "{h:?}");
 
         // The client's own values, however many, give way to the tenant's.
+        let mut h = h;
         h.append(&X_LOGON_TENANT, HeaderValue::from_static("evil.example"));
         h.append(&X_LOGON_TENANT, HeaderValue::from_static("evil2.example"));
         let tenant = HeaderValue::from_static("example.net");
-        set_proxy_headers(
-            &mut h,
-            &ClientSide {
-                peer_ip: &peer_ip,
-                forwarded_for: &forwarded_for,
-                https: false,
-                authority: &host,
-                tenant: Some(&tenant),
-            },
-        );
+        let h = backend_headers(h, &side(&peer, &host, false, Some(&tenant)), None);
         let got: Vec<_> = h.get_all(&X_LOGON_TENANT).iter().collect();
         assert_eq!(got, [&tenant]);
         assert_eq!(
             h[&FORWARDED],
             "for=\"[::1]\";host=\"webmail.example.net:8443\";proto=http"
         );
+        // Forwarded a second time: the first hop's address stays first.
+        assert_eq!(h[&X_FORWARDED_FOR], "203.0.113.9, ::1, ::1");
+    }
+
+    #[test]
+    fn backend_headers_keep_the_clients_other_headers_and_drop_hop_by_hop_ones() {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("evil.example"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, X-Secret, x-forwarded-for"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert(&X_FORWARDED_FOR, HeaderValue::from_static("198.51.100.7"));
+        // HTTP/2 clients send each cookie as a header of its own: all kept, in order.
+        for c in ["a=1", "b=2", "c=3"] {
+            h.append(header::COOKIE, HeaderValue::from_static(c));
+        }
+        h.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
+        for name in &HOP_BY_HOP[1..] {
+            h.append(name, HeaderValue::from_static("x"));
+            h.append(name, HeaderValue::from_static("y"));
+        }
+        h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("gopher"));
+        h.insert(&X_FORWARDED_HOST, HeaderValue::from_static("evil.example"));
+        h.insert(&FORWARDED, HeaderValue::from_static("for=evil"));
+        let host = HeaderValue::from_static("webmail.example.net");
+        let peer = peer_parts("192.0.2.1:5555".parse().expect("addr"));
+        let h = backend_headers(h, &side(&peer, &host, true, None), None);
+
+        let cookies: Vec<_> = h.get_all(header::COOKIE).iter().collect();
+        assert_eq!(cookies, ["a=1", "b=2", "c=3"]);
+        assert_eq!(h[header::ACCEPT], "*/*");
+        assert_eq!(h[header::HOST], "webmail.example.net");
+        // Named by Connection: hop-by-hop, so the client's addresses are not passed on.
+        assert_eq!(h[&X_FORWARDED_FOR], "192.0.2.1");
+        assert_eq!(h[&X_FORWARDED_PROTO], "https");
+        assert_eq!(h[&X_FORWARDED_HOST], "webmail.example.net");
+        assert_eq!(
+            h[&FORWARDED],
+            "for=192.0.2.1;host=\"webmail.example.net\";proto=https"
+        );
+        for name in HOP_BY_HOP
+            .iter()
+            .chain([&HeaderName::from_static("x-secret")])
+        {
+            assert!(!h.contains_key(name), "{name}: {h:?}");
+        }
+        // cookie (3 values), accept, host and the four proxy headers.
+        assert_eq!(h.len(), 9, "{h:?}");
+
+        // An upgrade the backend is to see is asked for again, by the gateway.
+        let mut c = HeaderMap::new();
+        c.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        c.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        let proto = wants_upgrade(&c);
+        let h = backend_headers(c, &side(&peer, &host, true, None), proto);
+        assert_eq!(h[header::CONNECTION], "upgrade");
+        assert_eq!(h[header::UPGRADE], "websocket");
     }
 }
