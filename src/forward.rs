@@ -110,7 +110,7 @@ impl Upstream {
         &'a self,
         req: Request<Counted>,
         client: &ClientSide<'_>,
-    ) -> impl Future<Output = Result<Response<PoolBody>, ForwardError>> + Send + 'a {
+    ) -> impl Future<Output = Result<Response<PoolBody>, ForwardError>> + Send + use<'a> {
         match self.prepare(req, client) {
             Ok((req, permit, client_upgrade)) => {
                 Either::Right(self.send(req, permit, client_upgrade))

@@ -137,42 +137,94 @@ pub fn handle(
         let h1 = req.version() <= http::Version::HTTP_11;
         let snapshot = conn.gateway.live.load_full();
         let authority = authority_of(&req);
-        let mut buf: HostBuf = [0; host::MAX_HOST_LEN + 2];
-        let tls = conn.tls.as_ref().map(|(sni, cert)| TlsFacts { sni, cert });
-        // Counted for every HTTP/1.x request, so the framing watch's request numbers line up.
-        let ambiguous = h1 && conn.framing.begin();
-        let decision = match &authority {
-            _ if ambiguous || smuggling_shape(&req) => Decision::BadFraming,
-            Ok(a) => policy::decide(
-                &snapshot.table,
-                tls.as_ref(),
-                a.as_ref().map(HeaderValue::as_bytes),
-                &mut buf,
-            ),
-            Err(()) => Decision::BadHost,
-        };
-        // The access line's parts are gathered only when it will be written.
+        // The access line's parts are gathered only when it will be written, straight into
+        // the record it is written from. Cheap clones (shared bytes); a counter only for
+        // requests with a body.
         let logging = tracing::enabled!(target: "access", tracing::Level::INFO);
-        let method = req.method().clone();
-        // Cheap clones (shared bytes), no allocation; a counter only for requests with a body.
-        let uri = logging.then(|| req.uri().clone());
         let bytes_in = (logging && !hyper::body::Body::is_end_stream(req.body()))
             .then(|| Arc::new(AtomicU64::new(0)));
-        let mut upstream = None;
+        let mut record = logging.then(|| {
+            Box::new(Record {
+                started,
+                client: conn.peer,
+                host: None,
+                tenant: None,
+                method: req.method().clone(),
+                uri: req.uri().clone(),
+                status: 0,
+                decision: "",
+                upstream: None,
+                upstream_error: None,
+                bytes_in: bytes_in.clone(),
+            })
+        });
 
-        let (resp, upstream_error) = match (decision, &authority) {
-            (Decision::Forward { tenant, .. }, Ok(Some(authority))) => {
-                let client = ClientSide {
-                    peer_ip: &conn.peer_ip,
-                    forwarded_for: &conn.forwarded_for,
-                    https: conn.tls.is_some(),
+        // Decided in a scope of its own, which ends before the wait for the backend: the
+        // decision borrows the normalised host's buffer, which is then not kept in this
+        // future (hyper moves a stream's future a few times, and 500 of them are in flight).
+        let (plan, label) = {
+            let mut buf: HostBuf = [0; host::MAX_HOST_LEN + 2];
+            let tls = conn.tls.as_ref().map(|(sni, cert)| TlsFacts { sni, cert });
+            // Counted for every HTTP/1.x request, so the framing watch's request numbers
+            // line up.
+            let ambiguous = h1 && conn.framing.begin();
+            let decision = match &authority {
+                _ if ambiguous || smuggling_shape(&req) => Decision::BadFraming,
+                Ok(a) => policy::decide(
+                    &snapshot.table,
+                    tls.as_ref(),
+                    a.as_ref().map(HeaderValue::as_bytes),
+                    &mut buf,
+                ),
+                Err(()) => Decision::BadHost,
+            };
+            if let Some(r) = record.as_mut() {
+                r.host = match &authority {
+                    Ok(Some(a)) if decision.host().is_some() => Some(a.clone()),
+                    _ => None,
+                };
+                r.tenant = decision.tenant().map(|t| t.header.clone());
+            }
+            let label = decision.label();
+            let plan = match (decision, &authority) {
+                (Decision::Forward { tenant, .. }, Ok(Some(authority))) => Plan::Forward {
                     authority,
                     tenant: tenant.map(|t| &t.header),
+                },
+                (Decision::RedirectHttps { host, .. }, _) => {
+                    Plan::Answer(Box::new(redirect(&conn.gateway, host, &req)))
+                }
+                (Decision::Forward { .. }, _) => Plan::Answer(Box::new(page(
+                    StatusCode::BAD_REQUEST,
+                    &refusal_text(&Decision::BadHost),
+                ))),
+                (ref refused, _) => {
+                    Plan::Answer(Box::new(page(refused.status(), &refusal_text(refused))))
+                }
+            };
+            (plan, label)
+        };
+
+        let (resp, upstream_error) = match plan {
+            Plan::Forward { authority, tenant } => {
+                // Made in a block and awaited whole, so that neither it nor what it was made
+                // from is kept in this future beside it.
+                let forwarded = {
+                    let client = ClientSide {
+                        peer_ip: &conn.peer_ip,
+                        forwarded_for: &conn.forwarded_for,
+                        https: conn.tls.is_some(),
+                        authority,
+                        tenant,
+                    };
+                    let req = req.map(|b| Counted::new(b, bytes_in));
+                    snapshot.upstream.forward(req, &client)
                 };
-                let req = req.map(|b| Counted::new(b, bytes_in.clone()));
                 let sent = logging.then(Instant::now);
-                let result = snapshot.upstream.forward(req, &client).await;
-                upstream = sent.map(|t| t.elapsed());
+                let result = forwarded.await;
+                if let (Some(r), Some(t)) = (record.as_mut(), sent) {
+                    r.upstream = Some(t.elapsed());
+                }
                 match result {
                     Ok(r) => (r.map(Either::Left), None),
                     Err(e) => {
@@ -181,14 +233,7 @@ pub fn handle(
                     }
                 }
             }
-            (Decision::RedirectHttps { host, .. }, _) => {
-                (redirect(&conn.gateway, host, &req), None)
-            }
-            (Decision::Forward { .. }, _) => (
-                page(StatusCode::BAD_REQUEST, &refusal_text(&Decision::BadHost)),
-                None,
-            ),
-            (ref refused, _) => (page(refused.status(), &refusal_text(refused)), None),
+            Plan::Answer(resp) => (*resp, None),
         };
 
         let status = resp.status().as_u16();
@@ -197,36 +242,34 @@ pub fn handle(
         }
         let elapsed = started.elapsed();
         let m = &conn.gateway.metrics;
-        m.request(decision.label(), status);
+        m.request(label, status);
         m.duration.observe(elapsed.as_secs_f64());
         if let Some(e) = &upstream_error {
             m.upstream_errors
                 .get_or_create(&crate::metrics::KindLabel { kind: e.label() })
                 .inc();
         }
-        let record = uri.map(|uri| {
-            Box::new(Record {
-                started,
-                client: conn.peer,
-                host: authority
-                    .ok()
-                    .flatten()
-                    .filter(|_| decision.host().is_some()),
-                tenant: decision.tenant().map(|t| t.header.clone()),
-                method,
-                uri,
-                status,
-                decision: decision.label(),
-                upstream,
-                upstream_error: upstream_error.as_ref().map(|e| e.label()),
-                bytes_in,
-            })
-        });
+        if let Some(r) = record.as_mut() {
+            r.status = status;
+            r.decision = label;
+            r.upstream_error = upstream_error.as_ref().map(|e| e.label());
+        }
         let done = h1.then(|| conn.framing.clone());
         let resp = resp.map(|b| Logged::new(b, record, done));
         guard.done = true;
         Ok(resp)
     }
+}
+
+/// What the decision leaves to do: forward (with what the proxy headers need, borrowed from
+/// the request and the configuration, not from the host buffer), or answer with a page (boxed:
+/// this is kept in the request's future while a forward waits).
+enum Plan<'a> {
+    Forward {
+        authority: &'a HeaderValue,
+        tenant: Option<&'a HeaderValue>,
+    },
+    Answer(Box<Response<Page>>),
 }
 
 /// The request's authority: `:authority`/absolute-form URI if present, else the one `Host`
