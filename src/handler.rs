@@ -44,7 +44,7 @@ pub struct Conn {
     pub framing: Arc<crate::framing::Progress>,
     /// Proxy-header parts that depend only on the peer, built once.
     peer_ip: HeaderValue,
-    forwarded_for: Box<str>,
+    forwarded: crate::forward::Forwarded,
 }
 
 /// More abandoned requests than this, and more than were answered, cuts the connection off:
@@ -58,13 +58,13 @@ impl Conn {
         peer: SocketAddr,
         tls: Option<(Box<str>, Arc<CertEntry>)>,
     ) -> Self {
-        let (peer_ip, forwarded_for) = crate::forward::peer_parts(peer);
+        let (peer_ip, forwarded) = crate::forward::peer_parts(peer);
         Conn {
             gateway,
             peer,
             tls,
             peer_ip,
-            forwarded_for,
+            forwarded,
             framing: Arc::default(),
             cancelled: AtomicU32::new(0),
             answered: AtomicU32::new(0),
@@ -212,7 +212,7 @@ pub fn handle(
                 let forwarded = {
                     let client = ClientSide {
                         peer_ip: &conn.peer_ip,
-                        forwarded_for: &conn.forwarded_for,
+                        forwarded: &conn.forwarded,
                         https: conn.tls.is_some(),
                         authority,
                         tenant,
