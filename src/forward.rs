@@ -74,7 +74,7 @@ pub struct ClientSide<'a> {
     /// The Host the client asked for, as sent (port included).
     pub authority: &'a HeaderValue,
     /// `X-Logon-Tenant` value; `None` for platform hosts.
-    pub tenant: Option<&'a HeaderValue>,
+    pub tenant: Option<HeaderValue>,
 }
 
 impl Upstream {
@@ -109,7 +109,7 @@ impl Upstream {
     pub fn forward<'a>(
         &'a self,
         req: Request<Counted>,
-        client: &ClientSide<'_>,
+        client: ClientSide<'_>,
     ) -> impl Future<Output = Result<Response<PoolBody>, ForwardError>> + Send + use<'a> {
         match self.prepare(req, client) {
             Ok((req, permit, client_upgrade)) => {
@@ -124,7 +124,7 @@ impl Upstream {
     fn prepare(
         &self,
         mut req: Request<Counted>,
-        client: &ClientSide<'_>,
+        client: ClientSide<'_>,
     ) -> Result<(Request<Counted>, OwnedSemaphorePermit, Option<OnUpgrade>), ForwardError> {
         let permit = self
             .in_flight
@@ -470,7 +470,7 @@ fn role(name: &HeaderName) -> Role {
 /// hop-by-hop names.
 fn backend_headers(
     from_client: HeaderMap,
-    client: &ClientSide<'_>,
+    client: ClientSide<'_>,
     upgrade: Option<HeaderValue>,
 ) -> HeaderMap {
     let mut headers = HeaderMap::with_capacity(from_client.len() + 8);
@@ -533,7 +533,7 @@ fn backend_headers(
     }
     // Never the client's: its own values were dropped above.
     if let Some(t) = client.tenant {
-        headers.insert(&X_LOGON_TENANT, t.clone());
+        headers.insert(&X_LOGON_TENANT, t);
     }
     if let Some(proto) = upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -606,7 +606,7 @@ mod tests {
             forwarded: &peer.1,
             https,
             authority: host,
-            tenant,
+            tenant: tenant.cloned(),
         }
     }
 
@@ -617,7 +617,7 @@ mod tests {
         h.insert(&X_LOGON_TENANT, HeaderValue::from_static("evil.example"));
         let host = HeaderValue::from_static("webmail.example.net:8443");
         let peer = peer_parts("[::1]:5555".parse().expect("addr"));
-        let h = backend_headers(h, &side(&peer, &host, true, None), None);
+        let h = backend_headers(h, side(&peer, &host, true, None), None);
         assert_eq!(h[&X_FORWARDED_FOR], "203.0.113.9, ::1");
         assert_eq!(
             h[&FORWARDED],
@@ -634,7 +634,7 @@ mod tests {
         h.append(&X_LOGON_TENANT, HeaderValue::from_static("evil.example"));
         h.append(&X_LOGON_TENANT, HeaderValue::from_static("evil2.example"));
         let tenant = HeaderValue::from_static("example.net");
-        let h = backend_headers(h, &side(&peer, &host, false, Some(&tenant)), None);
+        let h = backend_headers(h, side(&peer, &host, false, Some(&tenant)), None);
         let got: Vec<_> = h.get_all(&X_LOGON_TENANT).iter().collect();
         assert_eq!(got, [&tenant]);
         assert_eq!(
@@ -660,7 +660,7 @@ mod tests {
                 "for=\"[::1]\";host=\"webmail.example.net:8443\";proto=http",
             ),
         ] {
-            let h = backend_headers(HeaderMap::new(), &side(&peer, host, false, None), None);
+            let h = backend_headers(HeaderMap::new(), side(&peer, host, false, None), None);
             assert_eq!(h[&FORWARDED], want);
         }
     }
@@ -689,7 +689,7 @@ mod tests {
         h.insert(&FORWARDED, HeaderValue::from_static("for=evil"));
         let host = HeaderValue::from_static("webmail.example.net");
         let peer = peer_parts("192.0.2.1:5555".parse().expect("addr"));
-        let h = backend_headers(h, &side(&peer, &host, true, None), None);
+        let h = backend_headers(h, side(&peer, &host, true, None), None);
 
         let cookies: Vec<_> = h.get_all(header::COOKIE).iter().collect();
         assert_eq!(cookies, ["a=1", "b=2", "c=3"]);
@@ -717,7 +717,7 @@ mod tests {
         c.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
         c.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         let proto = wants_upgrade(&c);
-        let h = backend_headers(c, &side(&peer, &host, true, None), proto);
+        let h = backend_headers(c, side(&peer, &host, true, None), proto);
         assert_eq!(h[header::CONNECTION], "upgrade");
         assert_eq!(h[header::UPGRADE], "websocket");
     }

@@ -4,8 +4,8 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -20,7 +20,7 @@ use crate::forward::ClientSide;
 use crate::host::{self, HostBuf};
 use crate::policy::{self, Decision, TlsFacts};
 use crate::pool::PoolBody;
-use crate::server::Gateway;
+use crate::server::{Gateway, Snapshot};
 
 /// Response bodies: the backend's, streamed, or one of our short pages.
 pub type Page = Either<PoolBody, Full<Bytes>>;
@@ -42,6 +42,8 @@ pub struct Conn {
     /// HTTP/1.1 only: which request carried both Content-Length and Transfer-Encoding, and
     /// whether one is being answered (for the idle timeout).
     pub framing: Arc<crate::framing::Progress>,
+    /// The last request forwarded here (see [`Conn::forwarded_before`]).
+    last_forward: Mutex<Option<LastForward>>,
     /// Proxy-header parts that depend only on the peer, built once.
     peer_ip: HeaderValue,
     forwarded: crate::forward::Forwarded,
@@ -63,6 +65,7 @@ impl Conn {
             gateway,
             peer,
             tls,
+            last_forward: Mutex::new(None),
             peer_ip,
             forwarded,
             framing: Arc::default(),
@@ -136,7 +139,6 @@ pub fn handle(
         let started = Instant::now();
         let h1 = req.version() <= http::Version::HTTP_11;
         let snapshot = conn.gateway.live.load_full();
-        let authority = authority_of(&req);
         // The access line's parts are gathered only when it will be written, straight into
         // the record it is written from. Cheap clones (shared bytes); a counter only for
         // requests with a body.
@@ -159,50 +161,27 @@ pub fn handle(
             })
         });
 
-        // Decided in a scope of its own, which ends before the wait for the backend: the
-        // decision borrows the normalised host's buffer, which is then not kept in this
-        // future (hyper moves a stream's future a few times, and 500 of them are in flight).
+        // Counted for every HTTP/1.x request, so the framing watch's request numbers line up.
+        let ambiguous = h1 && conn.framing.begin();
+        let bad_framing = ambiguous || smuggling_shape(&req);
+        // A browser sends all of a connection's requests to one host: the next request with
+        // the same authority, under the same configuration, is forwarded as the last one was,
+        // without normalising and looking up its host again.
         let (plan, label) = {
-            let mut buf: HostBuf = [0; host::MAX_HOST_LEN + 2];
-            let tls = conn.tls.as_ref().map(|(sni, cert)| TlsFacts { sni, cert });
-            // Counted for every HTTP/1.x request, so the framing watch's request numbers
-            // line up.
-            let ambiguous = h1 && conn.framing.begin();
-            let decision = match &authority {
-                _ if ambiguous || smuggling_shape(&req) => Decision::BadFraming,
-                Ok(a) => policy::decide(
-                    &snapshot.table,
-                    tls.as_ref(),
-                    a.as_ref().map(HeaderValue::as_bytes),
-                    &mut buf,
-                ),
-                Err(()) => Decision::BadHost,
-            };
-            if let Some(r) = record.as_mut() {
-                r.host = match &authority {
-                    Ok(Some(a)) if decision.host().is_some() => Some(a.clone()),
-                    _ => None,
-                };
-                r.tenant = decision.tenant().map(|t| t.header.clone());
+            let again = (!bad_framing)
+                .then(|| sent_authority(&req))
+                .flatten()
+                .and_then(|a| conn.forwarded_before(snapshot.generation, a));
+            match again {
+                Some((authority, tenant)) => {
+                    if let Some(r) = record.as_mut() {
+                        r.host = Some(authority.clone());
+                        r.tenant = tenant.clone();
+                    }
+                    (Plan::Forward { authority, tenant }, "forward")
+                }
+                None => plan(conn, &snapshot, &req, bad_framing, record.as_deref_mut()),
             }
-            let label = decision.label();
-            let plan = match (decision, &authority) {
-                (Decision::Forward { tenant, .. }, Ok(Some(authority))) => Plan::Forward {
-                    authority,
-                    tenant: tenant.map(|t| &t.header),
-                },
-                (Decision::RedirectHttps { host, .. }, _) => {
-                    Plan::Answer(Box::new(redirect(&conn.gateway, host, &req)))
-                }
-                (Decision::Forward { .. }, _) => Plan::Answer(Box::new(page(
-                    StatusCode::BAD_REQUEST,
-                    &refusal_text(&Decision::BadHost),
-                ))),
-                (ref refused, _) => {
-                    Plan::Answer(Box::new(page(refused.status(), &refusal_text(refused))))
-                }
-            };
-            (plan, label)
         };
 
         let (resp, upstream_error) = match plan {
@@ -210,15 +189,16 @@ pub fn handle(
                 // Made in a block and awaited whole, so that neither it nor what it was made
                 // from is kept in this future beside it.
                 let forwarded = {
+                    let authority = authority;
                     let client = ClientSide {
                         peer_ip: &conn.peer_ip,
                         forwarded: &conn.forwarded,
                         https: conn.tls.is_some(),
-                        authority,
+                        authority: &authority,
                         tenant,
                     };
                     let req = req.map(|b| Counted::new(b, bytes_in));
-                    snapshot.upstream.forward(req, &client)
+                    snapshot.upstream.forward(req, client)
                 };
                 let sent = logging.then(Instant::now);
                 let result = forwarded.await;
@@ -261,15 +241,109 @@ pub fn handle(
     }
 }
 
-/// What the decision leaves to do: forward (with what the proxy headers need, borrowed from
-/// the request and the configuration, not from the host buffer), or answer with a page (boxed:
-/// this is kept in the request's future while a forward waits).
-enum Plan<'a> {
+/// What the decision leaves to do: forward (with what the proxy headers need), or answer with
+/// a page (boxed: this is kept in the request's future while a forward waits).
+enum Plan {
     Forward {
-        authority: &'a HeaderValue,
-        tenant: Option<&'a HeaderValue>,
+        authority: HeaderValue,
+        tenant: Option<HeaderValue>,
     },
     Answer(Box<Response<Page>>),
+}
+
+/// A connection's last forwarded request: its authority as sent, the configuration generation
+/// it was decided under, and the tenant it was forwarded for.
+struct LastForward {
+    generation: u64,
+    authority: HeaderValue,
+    tenant: Option<HeaderValue>,
+}
+
+impl Conn {
+    /// The authority and tenant of the last request forwarded on this connection, when it
+    /// was sent the same `authority` and decided under configuration `generation`: the same
+    /// decision again (it depends only on those and the connection's TLS facts).
+    fn forwarded_before(
+        &self,
+        generation: u64,
+        authority: &[u8],
+    ) -> Option<(HeaderValue, Option<HeaderValue>)> {
+        let last = self
+            .last_forward
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let last = last.as_ref()?;
+        (last.generation == generation && last.authority.as_bytes() == authority)
+            .then(|| (last.authority.clone(), last.tenant.clone()))
+    }
+}
+
+/// Decides a request not decided before on its connection (see `Conn::forwarded_before`),
+/// remembering a forward for the next one. Its own function, so that the host buffer the
+/// decision borrows is never part of the request's future (hyper moves a stream's future a
+/// few times before it runs, and 500 of them are in flight under load).
+fn plan(
+    conn: &Conn,
+    snapshot: &Snapshot,
+    req: &Request<Incoming>,
+    bad_framing: bool,
+    record: Option<&mut Record>,
+) -> (Plan, &'static str) {
+    let authority = authority_of(req);
+    let mut buf: HostBuf = [0; host::MAX_HOST_LEN + 2];
+    let tls = conn.tls.as_ref().map(|(sni, cert)| TlsFacts { sni, cert });
+    let decision = match &authority {
+        _ if bad_framing => Decision::BadFraming,
+        Ok(a) => policy::decide(
+            &snapshot.table,
+            tls.as_ref(),
+            a.as_ref().map(HeaderValue::as_bytes),
+            &mut buf,
+        ),
+        Err(()) => Decision::BadHost,
+    };
+    if let Some(r) = record {
+        r.host = match &authority {
+            Ok(Some(a)) if decision.host().is_some() => Some(a.clone()),
+            _ => None,
+        };
+        r.tenant = decision.tenant().map(|t| t.header.clone());
+    }
+    let label = decision.label();
+    let plan = match (decision, authority) {
+        (Decision::Forward { tenant, .. }, Ok(Some(authority))) => {
+            let tenant = tenant.map(|t| t.header.clone());
+            *conn
+                .last_forward
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = Some(LastForward {
+                generation: snapshot.generation,
+                authority: authority.clone(),
+                tenant: tenant.clone(),
+            });
+            Plan::Forward { authority, tenant }
+        }
+        (Decision::RedirectHttps { host, .. }, _) => {
+            Plan::Answer(Box::new(redirect(&conn.gateway, host, req)))
+        }
+        (Decision::Forward { .. }, _) => Plan::Answer(Box::new(page(
+            StatusCode::BAD_REQUEST,
+            &refusal_text(&Decision::BadHost),
+        ))),
+        (ref refused, _) => Plan::Answer(Box::new(page(refused.status(), &refusal_text(refused)))),
+    };
+    (plan, label)
+}
+
+/// The request's authority as sent, when it is in one place only (the URI, or a single Host
+/// header): what a connection's last forward is matched against.
+fn sent_authority(req: &Request<Incoming>) -> Option<&[u8]> {
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    match (req.uri().authority(), hosts.next()) {
+        (Some(a), None) => Some(a.as_str().as_bytes()),
+        (None, Some(h)) if hosts.next().is_none() => Some(h.as_bytes()),
+        _ => None,
+    }
 }
 
 /// The request's authority: `:authority`/absolute-form URI if present, else the one `Host`

@@ -178,29 +178,10 @@ async fn malformed_hosts_are_400_and_never_forwarded() {
     gw.stop().await.expect("gateway task");
 }
 
-async fn forwarded_headers(h2: bool) {
-    let backend = Backend::start().await;
-    let f = Fixture::new(&backend.url(), "");
-    let gw = f.start().await;
-    let https = gw.https.expect("https");
-    let mut c = https_client(https, &f.pki.ca_der(), "webmail.example.net", h2).await;
-    let mut headers = vec![
-        ("x-forwarded-for", "203.0.113.7"),
-        ("x-logon-tenant", "someone-else.example"),
-        ("forwarded", "for=203.0.113.7"),
-        ("x-forwarded-proto", "http"),
-    ];
-    if !h2 {
-        headers.extend([
-            ("connection", "keep-alive, x-hop"),
-            ("x-hop", "secret"),
-            ("keep-alive", "timeout=5"),
-            ("proxy-authorization", "Basic Zm9vOmJhcg=="),
-        ]);
-    }
-    let host = format!("webmail.example.net:{}", https.port());
+async fn forwarded_headers_once(c: &mut Client, host: &str, headers: &[(&str, &str)]) {
+    let host = host.to_string();
     let r = c
-        .send("GET", Some(&host), "/h?x=1", &headers, Bytes::new())
+        .send("GET", Some(&host), "/h?x=1", headers, Bytes::new())
         .await
         .expect("request");
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
@@ -230,6 +211,34 @@ async fn forwarded_headers(h2: bool) {
     // Hop-by-hop headers from the backend do not come back either.
     assert!(!r.headers.contains_key("x-backend-hop"), "{:?}", r.headers);
     assert!(!r.headers.contains_key("connection"), "{:?}", r.headers);
+}
+
+async fn forwarded_headers(h2: bool) {
+    let backend = Backend::start().await;
+    let f = Fixture::new(&backend.url(), "");
+    let gw = f.start().await;
+    let https = gw.https.expect("https");
+    let mut c = https_client(https, &f.pki.ca_der(), "webmail.example.net", h2).await;
+    let mut headers = vec![
+        ("x-forwarded-for", "203.0.113.7"),
+        ("x-logon-tenant", "someone-else.example"),
+        ("forwarded", "for=203.0.113.7"),
+        ("x-forwarded-proto", "http"),
+    ];
+    if !h2 {
+        headers.extend([
+            ("connection", "keep-alive, x-hop"),
+            ("x-hop", "secret"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-authorization", "Basic Zm9vOmJhcg=="),
+        ]);
+    }
+    let host = format!("webmail.example.net:{}", https.port());
+    // Twice on one connection: the second request reuses the first one's decision, and must
+    // be forwarded with the same headers.
+    for _ in 0..2 {
+        forwarded_headers_once(&mut c, &host, &headers).await;
+    }
 
     // A platform host: no X-Logon-Tenant, and the client's copy is still removed.
     let mut p = https_client(https, &f.pki.ca_der(), "mail.provider.test", h2).await;

@@ -77,6 +77,57 @@ async fn in_place_and_editor_writes_are_picked_up() {
     gw.stop().await.expect("gateway task");
 }
 
+/// A connection that stays open sees each reload: its requests are not decided once for the
+/// connection's life (the gateway reuses the last forward decision only within one
+/// configuration generation).
+#[tokio::test]
+async fn an_open_connection_follows_reloads() {
+    let backend = Backend::start().await;
+    let f = Fixture::new(&backend.url(), "");
+    let gw = f.start().await;
+    let mut c = http_client(gw.http.expect("http")).await;
+    for _ in 0..2 {
+        assert_eq!(
+            c.get("webmail.example.org", "/").await.status,
+            StatusCode::OK
+        );
+    }
+
+    let g0 = generation(&gw);
+    f.write_tenant(
+        "example.org",
+        &EXAMPLE_ORG.replace("enabled = true", "enabled = false"),
+    );
+    let gw_ref = &gw;
+    assert!(eventually(WITHIN, || async move { generation(gw_ref) > g0 }).await);
+    assert_eq!(
+        c.get("webmail.example.org", "/").await.status,
+        StatusCode::FORBIDDEN,
+        "the same connection, after the address was disabled"
+    );
+
+    let g1 = generation(&gw);
+    editor_write(&f.path().join("tenants/example.org.toml"), EXAMPLE_ORG);
+    assert!(eventually(WITHIN, || async move { generation(gw_ref) > g1 }).await);
+    for _ in 0..2 {
+        assert_eq!(
+            c.get("webmail.example.org", "/").await.status,
+            StatusCode::OK
+        );
+    }
+    // Another Host on the same connection is decided on its own.
+    assert_eq!(
+        c.get("nowhere.example", "/").await.status,
+        StatusCode::MISDIRECTED_REQUEST
+    );
+    assert_eq!(
+        c.get("webmail.example.org", "/").await.status,
+        StatusCode::OK
+    );
+    assert!(last_ok(&gw));
+    gw.stop().await.expect("gateway task");
+}
+
 #[tokio::test]
 async fn new_and_deleted_files_are_picked_up() {
     let backend = Backend::start().await;
