@@ -420,7 +420,11 @@ impl Forwarded {
         parts.iter().for_each(|p| text.push_str(p));
         // Only peer IPs and an already-valid Host go in, so this cannot fail.
         let value = HeaderValue::try_from(text).ok()?;
-        *last = Some((https, authority.clone(), value.clone()));
+        // The authority is kept as a copy of its own: a value hyper parsed shares the
+        // connection's whole read buffer, which would otherwise stay for the connection's life.
+        if let Ok(kept) = HeaderValue::from_bytes(authority.as_bytes()) {
+            *last = Some((https, kept, value.clone()));
+        }
         Some(value)
     }
 }

@@ -313,14 +313,19 @@ fn plan(
     let plan = match (decision, authority) {
         (Decision::Forward { tenant, .. }, Ok(Some(authority))) => {
             let tenant = tenant.map(|t| t.header.clone());
-            *conn
-                .last_forward
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner) = Some(LastForward {
-                generation: snapshot.generation,
-                authority: authority.clone(),
-                tenant: tenant.clone(),
-            });
+            // Kept as a copy of its own: a value hyper parsed shares the connection's whole
+            // read buffer (8 KB or more), which the copy would otherwise hold for the life
+            // of the connection, idle or not.
+            if let Ok(kept) = HeaderValue::from_bytes(authority.as_bytes()) {
+                *conn
+                    .last_forward
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) = Some(LastForward {
+                    generation: snapshot.generation,
+                    authority: kept,
+                    tenant: tenant.clone(),
+                });
+            }
             Plan::Forward { authority, tenant }
         }
         (Decision::RedirectHttps { host, .. }, _) => {
