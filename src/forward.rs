@@ -325,10 +325,25 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if !present.contains(&true) {
         return;
     }
-    // Only unusual tokens need a HeaderName built (an allocation); `close`, `keep-alive` and
-    // `upgrade`, nearly all that is ever sent, are covered by the fixed list below.
     let mut named: Vec<HeaderName> = Vec::new();
-    for v in headers.get_all(header::CONNECTION) {
+    named_by_connection(headers.get_all(header::CONNECTION), |n| named.push(n));
+    for n in named {
+        headers.remove(n);
+    }
+    for (h, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, p)| *p) {
+        headers.remove(h);
+    }
+}
+
+/// Calls `f` with each header that `Connection` values name, which are hop-by-hop too.
+/// `close`, `keep-alive` and `upgrade`, nearly all that is ever sent, are skipped: they name no
+/// header left to remove, and only other tokens need a HeaderName built (an allocation). Plain
+/// loops: an iterator chain here cost 200 instructions per request more.
+fn named_by_connection<'v>(
+    values: impl IntoIterator<Item = &'v HeaderValue>,
+    mut f: impl FnMut(HeaderName),
+) {
+    for v in values {
         for t in v.as_bytes().split(|&b| b == b',') {
             let t = t.trim_ascii();
             let usual = t.is_empty()
@@ -336,16 +351,17 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
                 || t.eq_ignore_ascii_case(b"keep-alive")
                 || t.eq_ignore_ascii_case(b"upgrade");
             if !usual && let Ok(n) = HeaderName::from_bytes(t) {
-                named.push(n);
+                f(n);
             }
         }
     }
-    for n in named {
-        headers.remove(n);
-    }
-    for (h, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, p)| *p) {
-        headers.remove(h);
-    }
+}
+
+/// A copy of `v` in an allocation of its own, for keeping beyond the request. A value hyper
+/// parsed shares the connection's whole read buffer (8 KB or more), which a clone would hold
+/// for as long as it is kept: for a per-connection cache, the connection's life, idle or not.
+pub fn detached(v: &HeaderValue) -> Option<HeaderValue> {
+    HeaderValue::from_bytes(v.as_bytes()).ok()
 }
 
 /// Where `name` is in `HOP_BY_HOP`. A match on the name's text (lengths first, then bytes):
@@ -420,9 +436,7 @@ impl Forwarded {
         parts.iter().for_each(|p| text.push_str(p));
         // Only peer IPs and an already-valid Host go in, so this cannot fail.
         let value = HeaderValue::try_from(text).ok()?;
-        // The authority is kept as a copy of its own: a value hyper parsed shares the
-        // connection's whole read buffer, which would otherwise stay for the connection's life.
-        if let Ok(kept) = HeaderValue::from_bytes(authority.as_bytes()) {
+        if let Some(kept) = detached(authority) {
             *last = Some((https, kept, value.clone()));
         }
         Some(value)
@@ -497,23 +511,12 @@ fn backend_headers(
             Some((_, Role::Drop)) | None => {}
         }
     }
-    for v in &connection {
-        for t in v.as_bytes().split(|&b| b == b',') {
-            let t = t.trim_ascii();
-            // `close`, `keep-alive` and `upgrade`, nearly all that is ever sent, name no
-            // header that is still there; only other tokens need a HeaderName (an allocation).
-            let usual = t.is_empty()
-                || t.eq_ignore_ascii_case(b"close")
-                || t.eq_ignore_ascii_case(b"keep-alive")
-                || t.eq_ignore_ascii_case(b"upgrade");
-            if !usual && let Ok(n) = HeaderName::from_bytes(t) {
-                if n == X_FORWARDED_FOR {
-                    forwarded_for.clear();
-                }
-                headers.remove(n);
-            }
+    named_by_connection(&connection, |n| {
+        if n == X_FORWARDED_FOR {
+            forwarded_for.clear();
         }
-    }
+        headers.remove(n);
+    });
 
     headers.insert(header::HOST, client.authority.clone());
     match forwarded_for.first() {

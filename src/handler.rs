@@ -313,10 +313,7 @@ fn plan(
     let plan = match (decision, authority) {
         (Decision::Forward { tenant, .. }, Ok(Some(authority))) => {
             let tenant = tenant.map(|t| t.header.clone());
-            // Kept as a copy of its own: a value hyper parsed shares the connection's whole
-            // read buffer (8 KB or more), which the copy would otherwise hold for the life
-            // of the connection, idle or not.
-            if let Ok(kept) = HeaderValue::from_bytes(authority.as_bytes()) {
+            if let Some(kept) = crate::forward::detached(&authority) {
                 *conn
                     .last_forward
                     .lock()
