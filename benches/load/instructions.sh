@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Instructions per proxied request, counted by callgrind. Wall-clock CPU per request drifts by
-# up to 25% here with the machine's phases; instruction counts repeat to about 0.1% back to back (0.4% an hour apart), so they
-# show a change of a few percent that alternating load runs cannot resolve. (They do not
+# up to 25% here with the machine's phases; instruction counts repeat to about 0.1% back to
+# back (0.4% an hour apart), so they show a change of a few percent that alternating load
+# runs cannot resolve. (They do not
 # show cache misses or system calls: check a change with run.sh or alternating runs too.)
 #
 # Usage: benches/load/instructions.sh WORKDIR [PROXY...]
