@@ -10,6 +10,11 @@
 #            KEEP_WORK=1 ROUNDS=1 IDLE_N=100 benches/load/run.sh 1
 #   PROXY    logon-gate, haproxy or nginx (default: logon-gate haproxy)
 #   LOAD=h1  HTTP/1.1 keep-alive (h2load --h1 -c50) instead of HTTP/2 (h2load -c50 -m10)
+#   LOCKED=1 also count locked instructions per request: those with a `lock` prefix, and
+#            `xchg` with memory, which is locked without one (atomic read-modify-writes).
+#            Each takes several cycles or more and orders the core's memory accesses
+#            around it, a cost instruction counts do not show. Found by address in objdump's disassembly
+#            of each object, so every object must still be the file that ran.
 #
 # Each proxy runs under valgrind twice, for 2,000 and for 22,000 requests; the difference of
 # the two totals over 20,000 is the count per request, with start-up and the 50 handshakes
@@ -57,6 +62,7 @@ count() { # proxy n
   local proxy=$1 n=$2 port pid
   rm -f "$OUT/$proxy-$LOAD-$n".*.out
   local vg=(valgrind --tool=callgrind --trace-children=yes "--callgrind-out-file=$OUT/$proxy-$LOAD-$n.%p.out")
+  [ "${LOCKED:-0}" = 1 ] && vg+=(--dump-instr=yes --compress-strings=no --compress-pos=no)
   case $proxy in
     logon-gate) "${vg[@]}" "$BIN" serve -c "$WORK/gate/config/gateway.toml" --log-level warn >/dev/null 2>&1 & port=18443 ;;
     haproxy) "${vg[@]}" haproxy -f "$WORK/haproxy/haproxy.cfg" -db >/dev/null 2>&1 & port=38443 ;;
@@ -75,7 +81,7 @@ count() { # proxy n
   # nginx's master stops its worker; wait for every process's file to be written.
   wait $pid 2>/dev/null || true
   sleep 1
-  local total=0 f t j
+  local total=0 locks=0 f t j
   for f in "$OUT/$proxy-$LOAD-$n".*.out; do
     t=$(awk '/^totals:/ {print $2}' "$f")
     # aws-lc seeds its generators from CPU-jitter entropy at start-up; under valgrind that
@@ -85,13 +91,44 @@ count() { # proxy n
     j=$(callgrind_annotate --threshold=100 "$f" 2>/dev/null |
       awk '/jent|keccak|xoshiro|rol64/ {gsub(",", "", $1); s += $1} END {print s + 0}')
     total=$((total + t - j))
+    [ "${LOCKED:-0}" = 1 ] && locks=$((locks + $(locked "$f")))
   done
-  echo "$total"
+  echo "$total $locks"
 }
 
-printf '%-11s %-4s %14s\n' proxy load "instr/request"
+# Executions of locked instructions in one callgrind file (written with --dump-instr=yes,
+# --compress-strings=no and --compress-pos=no, so that every cost line has its address and
+# every object its path). The line after `calls=` is the callee's inclusive cost: skipped.
+locked() { # file
+  local f=$1 obj
+  : >"$OUT/locked.addr"
+  for obj in $(awk '/^ob=\// {print substr($0, 4)}' "$f" | sort -u); do
+    objdump -d --no-show-raw-insn "$obj" 2>/dev/null |
+      awk -v o="$obj" '$2 == "lock" || ($2 ~ /^xchg/ && /\(/) {a = $1; sub(":", "", a); print o, a}' \
+        >>"$OUT/locked.addr"
+  done
+  awk 'NR == FNR {lk[$1 " " $2] = 1; next}
+       /^ob=/ {ob = substr($0, 4); next}
+       /^calls=/ {skip = 1; next}
+       /^0x/ {if (skip) {skip = 0; next} if ((ob " " substr($1, 3)) in lk) s += $3}
+       END {print s + 0}' "$OUT/locked.addr" "$f"
+}
+
+if [ "${LOCKED:-0}" = 1 ]; then
+  command -v objdump >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq binutils >/dev/null
+  printf '%-11s %-4s %14s %15s\n' proxy load "instr/request" "locked/request"
+else
+  printf '%-11s %-4s %14s\n' proxy load "instr/request"
+fi
+per() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.0f", (b - a) / 20000}'; }
 for p in "${PROXIES[@]}"; do
   small=$(count "$p" 2000)
   large=$(count "$p" 22000)
-  printf '%-11s %-4s %14.0f\n' "$p" "$LOAD" "$(awk -v a="$small" -v b="$large" 'BEGIN {print (b - a) / 20000}')"
+  small_locks=${small#* } small=${small% *}
+  large_locks=${large#* } large=${large% *}
+  if [ "${LOCKED:-0}" = 1 ]; then
+    printf '%-11s %-4s %14s %15s\n' "$p" "$LOAD" "$(per "$small" "$large")" "$(per "$small_locks" "$large_locks")"
+  else
+    printf '%-11s %-4s %14s\n' "$p" "$LOAD" "$(per "$small" "$large")"
+  fi
 done
