@@ -4,7 +4,8 @@
 //! own: spawned, scheduled and woken separately from the connection task that reads and writes
 //! its frames, so a request crosses two task switches on the client side alone. Here the
 //! connection's future polls its streams itself ([`WithStreams`]): a stream that finishes its
-//! response hands it to the connection without waking another task.
+//! response hands it to the connection without waking another task, and the connection,
+//! polled right after its streams, writes it in the same poll.
 //!
 //! Knowing when the last stream has ended also gives HTTP/2 the idle timeout an nginx operator
 //! expects ([`WithStreams::closing`]): a connection with no open stream for `keepalive_timeout`
@@ -40,6 +41,27 @@ struct Shared {
     task: AtomicWaker,
     /// Set while the owning task is polled: it drains the inbox before it returns.
     polling: AtomicBool,
+    /// Set for the whole of the owning task's poll, in which a wake-up of the connection only
+    /// sets `conn_woken`: the poll itself sees to it.
+    in_poll: AtomicBool,
+    /// The connection asked to be polled again, through the waker it is polled with.
+    conn_woken: AtomicBool,
+}
+
+/// The connection's waker. h2 wakes it whenever a stream queues a frame; in the owning task's
+/// own poll that is every stream that answers, and waking the task would only poll it again
+/// for what this poll does anyway (see [`WithStreams::poll`]).
+impl std::task::Wake for Shared {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.conn_woken.store(true, Ordering::SeqCst);
+        if !self.in_poll.load(Ordering::SeqCst) {
+            self.task.wake();
+        }
+    }
 }
 
 impl<F> hyper::rt::Executor<F> for StreamExec
@@ -66,7 +88,10 @@ impl StreamExec {
     /// A future that polls `conn` and every stream spawned on this executor, and ends with
     /// `conn`'s output once `conn` has ended and its last stream has finished.
     pub fn run<F: Future>(self, conn: F) -> WithStreams<F> {
+        // Polled first thing: nothing has been registered to wake it yet.
+        self.shared.conn_woken.store(true, Ordering::SeqCst);
         WithStreams {
+            conn_waker: std::task::Waker::from(self.shared.clone()),
             conn: Box::pin(conn),
             done: None,
             exec: self,
@@ -190,6 +215,8 @@ impl IdleClose {
 /// A connection with its streams; see [`StreamExec::run`].
 pub struct WithStreams<F: Future> {
     conn: Pin<Box<F>>,
+    /// Wakes this task through [`Shared`], for the connection.
+    conn_waker: std::task::Waker,
     done: Option<F::Output>,
     exec: StreamExec,
     streams: FuturesUnordered<Stream>,
@@ -222,26 +249,72 @@ impl<F: Future> Future for WithStreams<F> {
     /// The connection's output; `None` if it was dropped (see [`WithStreams::closing`]).
     type Output = Option<F::Output>;
 
+    /// Polls the woken streams first and the connection after them, so that the responses
+    /// the streams queued go out in the connection's poll right away, in one write. (Polled
+    /// the other way round, the connection wrote what the streams had queued in the task's
+    /// previous poll, and h2 woke the task once more for every poll in which streams
+    /// answered.) Streams the connection accepts are polled in the same poll too, and the
+    /// connection again if they queued frames. The connection is polled only when its own
+    /// waker was woken, as a future expects: not when the task was woken for a stream that
+    /// queued nothing (one waiting for the backend).
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
+        this.exec.shared.task.register(cx.waker());
+        this.exec.shared.in_poll.store(true, Ordering::SeqCst);
+        let out = this.poll_inner(cx);
         let shared = &this.exec.shared;
-        shared.task.register(cx.waker());
+        // SeqCst, with the waker's store and load: a wake-up from another thread is either
+        // seen here or wakes the task itself.
+        shared.in_poll.store(false, Ordering::SeqCst);
+        // Woken since its last poll here (it yielded, or a stream queued frames after it).
+        if out.is_pending() && shared.conn_woken.load(Ordering::SeqCst) {
+            cx.waker().wake_by_ref();
+        }
+        out
+    }
+}
+
+impl<F: Future> WithStreams<F> {
+    fn poll_inner(&mut self, cx: &mut Context<'_>) -> Poll<Option<F::Output>> {
+        let this = self;
+        let shared = &this.exec.shared;
+        let mut poll_conn = false;
+        let mut had_streams = false;
         loop {
             shared.polling.store(true, Ordering::Release);
-            if this.done.is_none()
-                && let Poll::Ready(out) = this.conn.as_mut().poll(cx)
-            {
-                this.done = Some(out);
-            }
-            let mut inbox = shared.inbox.lock().unwrap_or_else(PoisonError::into_inner);
-            this.streams.extend(inbox.drain(..));
-            // Cleared under the lock: a stream queued after this drain finds it clear and wakes.
-            shared.polling.store(false, Ordering::Release);
-            drop(inbox);
-            let had_streams = !this.streams.is_empty();
+            this.streams.extend(
+                shared
+                    .inbox
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .drain(..),
+            );
+            had_streams |= !this.streams.is_empty();
             // FuturesUnordered yields (and wakes this task) after a bounded number of polls, so
             // a burst of ready streams cannot starve the thread's other connections.
             while let Poll::Ready(Some(())) = this.streams.poll_next_unpin(cx) {}
+            // Woken: by its I/O or timers, by h2 for frames the streams above queued, or
+            // asked to close.
+            if shared.conn_woken.swap(false, Ordering::SeqCst) || poll_conn {
+                poll_conn = false;
+                if this.done.is_none()
+                    && let Poll::Ready(out) = this
+                        .conn
+                        .as_mut()
+                        .poll(&mut Context::from_waker(&this.conn_waker))
+                {
+                    this.done = Some(out);
+                }
+            }
+            {
+                // Streams the connection accepted get their first poll at once.
+                let inbox = shared.inbox.lock().unwrap_or_else(PoisonError::into_inner);
+                if !inbox.is_empty() {
+                    continue;
+                }
+                // Cleared under the lock: a stream queued after this finds it clear and wakes.
+                shared.polling.store(false, Ordering::Release);
+            }
             let idle = this.streams.is_empty();
             if idle && let Some(out) = this.done.take() {
                 return Poll::Ready(Some(out));
@@ -253,7 +326,10 @@ impl<F: Future> Future for WithStreams<F> {
                 Step::Wait => return Poll::Pending,
                 Step::GiveUp => return Poll::Ready(None),
                 // Polled again at once: the connection starts its close in its next poll.
-                Step::Close => (closing.close)(this.conn.as_mut()),
+                Step::Close => {
+                    (closing.close)(this.conn.as_mut());
+                    poll_conn = true;
+                }
             }
         }
     }
@@ -305,6 +381,58 @@ mod tests {
             finished.try_recv().is_ok(),
             "the stream did not run to its end"
         );
+    }
+
+    /// A connection stand-in that counts its polls and "writes" a frame a stream queued.
+    #[derive(Default)]
+    struct Writer {
+        polls: std::sync::atomic::AtomicUsize,
+        queued: AtomicBool,
+        written: std::sync::atomic::AtomicUsize,
+        waker: Mutex<Option<std::task::Waker>>,
+    }
+
+    #[tokio::test]
+    async fn what_a_stream_queues_goes_out_in_the_same_poll() {
+        let exec = StreamExec::default();
+        let w = Arc::new(Writer::default());
+        let (answer_tx, answer_rx) = oneshot::channel::<()>();
+        // Once told, the stream queues a frame and wakes the connection, as h2's
+        // `send_response` does.
+        let sw = w.clone();
+        exec.execute(async move {
+            let _ = answer_rx.await;
+            sw.queued.store(true, Ordering::SeqCst);
+            if let Some(waker) = sw.waker.lock().expect("lock").take() {
+                waker.wake();
+            }
+        });
+        let cw = w.clone();
+        let conn = std::future::poll_fn(move |cx| {
+            cw.polls.fetch_add(1, Ordering::SeqCst);
+            if cw.queued.swap(false, Ordering::SeqCst) {
+                cw.written.fetch_add(1, Ordering::SeqCst);
+            }
+            *cw.waker.lock().expect("lock") = Some(cx.waker().clone());
+            Poll::<()>::Pending
+        });
+        let run = tokio::spawn(exec.run(conn));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let before = w.polls.load(Ordering::SeqCst);
+        answer_tx.send(()).expect("stream alive");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(
+            w.written.load(Ordering::SeqCst),
+            1,
+            "the frame was not written"
+        );
+        // Polled before its streams, the connection would write only in a second poll.
+        assert_eq!(
+            w.polls.load(Ordering::SeqCst) - before,
+            1,
+            "the connection was polled again for what its stream queued"
+        );
+        run.abort();
     }
 
     #[tokio::test]
