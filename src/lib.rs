@@ -19,6 +19,7 @@ pub mod forward;
 pub mod framing;
 pub mod handler;
 pub mod host;
+pub mod linger;
 pub mod logfmt;
 pub mod metrics;
 pub mod ops;

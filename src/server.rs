@@ -357,8 +357,10 @@ async fn serve_tls(
         }
         let conn = Arc::new(Conn::new(gw, peer, Some((sni, cert))));
         if h2 {
+            // Closed with a lingering read, so frames the client still sends after the
+            // GOAWAY do not reset the connection (`linger`).
             let served = serve_http(
-                TokioIo::new(stream),
+                TokioIo::new(crate::linger::Lingering::new(stream)),
                 conn,
                 Some(true),
                 watcher,
