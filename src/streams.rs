@@ -39,11 +39,10 @@ struct Shared {
     inbox: Mutex<Vec<Stream>>,
     /// The owning task, woken when a stream arrives from outside its poll.
     task: AtomicWaker,
-    /// Set while the owning task is polled: it drains the inbox before it returns.
+    /// Set while the owning task is polled, until it has drained the inbox for the last time:
+    /// a stream queued meanwhile, or a wake-up of the connection, needs no wake-up of the
+    /// task (a wake-up of the connection only sets `conn_woken`).
     polling: AtomicBool,
-    /// Set for the whole of the owning task's poll, in which a wake-up of the connection only
-    /// sets `conn_woken`: the poll itself sees to it.
-    in_poll: AtomicBool,
     /// The connection asked to be polled again, through the waker it is polled with.
     conn_woken: AtomicBool,
 }
@@ -58,7 +57,7 @@ impl std::task::Wake for Shared {
 
     fn wake_by_ref(self: &Arc<Self>) {
         self.conn_woken.store(true, Ordering::SeqCst);
-        if !self.in_poll.load(Ordering::SeqCst) {
+        if !self.polling.load(Ordering::SeqCst) {
             self.task.wake();
         }
     }
@@ -78,7 +77,7 @@ where
             .push(Box::pin(AssertUnwindSafe(fut).catch_unwind().map(drop)));
         // hyper spawns streams while the connection is being polled, and that poll drains the
         // inbox right after: waking the task then would only poll it once more for nothing.
-        if !self.shared.polling.load(Ordering::Acquire) {
+        if !self.shared.polling.load(Ordering::SeqCst) {
             self.shared.task.wake();
         }
     }
@@ -259,29 +258,12 @@ impl<F: Future> Future for WithStreams<F> {
     /// queued nothing (one waiting for the backend).
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
-        this.exec.shared.task.register(cx.waker());
-        this.exec.shared.in_poll.store(true, Ordering::SeqCst);
-        let out = this.poll_inner(cx);
         let shared = &this.exec.shared;
-        // SeqCst, with the waker's store and load: a wake-up from another thread is either
-        // seen here or wakes the task itself.
-        shared.in_poll.store(false, Ordering::SeqCst);
-        // Woken since its last poll here (it yielded, or a stream queued frames after it).
-        if out.is_pending() && shared.conn_woken.load(Ordering::SeqCst) {
-            cx.waker().wake_by_ref();
-        }
-        out
-    }
-}
-
-impl<F: Future> WithStreams<F> {
-    fn poll_inner(&mut self, cx: &mut Context<'_>) -> Poll<Option<F::Output>> {
-        let this = self;
-        let shared = &this.exec.shared;
+        shared.task.register(cx.waker());
         let mut poll_conn = false;
         let mut had_streams = false;
         loop {
-            shared.polling.store(true, Ordering::Release);
+            shared.polling.store(true, Ordering::SeqCst);
             this.streams.extend(
                 shared
                     .inbox
@@ -313,7 +295,13 @@ impl<F: Future> WithStreams<F> {
                     continue;
                 }
                 // Cleared under the lock: a stream queued after this finds it clear and wakes.
-                shared.polling.store(false, Ordering::Release);
+                // SeqCst, as in the wakers: a wake-up from another thread is either seen
+                // below or wakes the task itself.
+                shared.polling.store(false, Ordering::SeqCst);
+            }
+            // Woken since its last poll here (it yielded, or a stream queued frames after it).
+            if shared.conn_woken.load(Ordering::SeqCst) {
+                cx.waker().wake_by_ref();
             }
             let idle = this.streams.is_empty();
             if idle && let Some(out) = this.done.take() {
