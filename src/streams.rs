@@ -21,12 +21,25 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures_util::FutureExt;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use futures_util::task::AtomicWaker;
 use tokio::time::{Instant, Sleep};
 
-type Stream = Pin<Box<dyn Future<Output = ()> + Send>>;
+/// A stream's future, boxed as it came from hyper. A panic in its poll ends it alone, as it
+/// did as a task of its own (the panic hook has reported it by then); catching it here, not
+/// in a wrapper around the future, keeps the future from being copied once more on its way
+/// into the box (hyper's stream futures are about 1.6 KB).
+struct Stream(Pin<Box<dyn Future<Output = ()> + Send>>);
+
+impl Future for Stream {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        // Unwinding costs nothing until something panics.
+        std::panic::catch_unwind(AssertUnwindSafe(|| self.0.as_mut().poll(cx)))
+            .unwrap_or(Poll::Ready(()))
+    }
+}
 
 /// The executor hyper is given: it queues each stream for the [`WithStreams`] that owns it.
 #[derive(Clone, Default)]
@@ -68,13 +81,12 @@ where
     F: Future<Output = ()> + Send + 'static,
 {
     fn execute(&self, fut: F) {
+        let stream = Stream(Box::pin(fut));
         self.shared
             .inbox
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            // A stream that panics ends alone, as it did as a task of its own; the panic hook
-            // has reported it by then. Unwinding costs nothing until something panics.
-            .push(Box::pin(AssertUnwindSafe(fut).catch_unwind().map(drop)));
+            .push(stream);
         // hyper spawns streams while the connection is being polled, and that poll drains the
         // inbox right after: waking the task then would only poll it once more for nothing.
         if !self.shared.polling.load(Ordering::SeqCst) {
