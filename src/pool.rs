@@ -6,11 +6,11 @@
 //! Each serving thread keeps its own connections. Once `queue_after_busy` of them are busy, a
 //! further request waits for one to come back (first come, first served) rather than opening
 //! another, but no longer than `queue_wait`: then it opens its own, so long polls holding
-//! connections never hold other requests up for long. Under load this keeps the connections,
-//! their buffers and their kernel sockets few enough to stay in the CPU's caches: with 500
-//! HTTP/2 streams in flight the gateway had opened 500 backend connections, and capping them
-//! at 64 per thread cut its CPU per request by 6-9% while the shared machine ran slow (its
-//! caches contended), with no change when it ran fast (benches/load/README.md).
+//! connections never hold other requests up for long. The default (512 per thread) is a
+//! safety bound against a burst opening thousands of connections, not a tuning: a queue that
+//! is reached under steady load sends the requests that waited one at a time, as connections
+//! come back, where they would have gone out together; the backend and the clients then see
+//! more, smaller writes, and the gateway more context switches (benches/load/README.md).
 //!
 //! Written instead of hyper-util's legacy client because that one spawns a task per request to
 //! watch the connection become idle again; the load profile showed its checkout and spawn as
