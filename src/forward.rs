@@ -108,37 +108,37 @@ impl Upstream {
     /// apart), and hyper moves a stream's whole future a few times before it first runs.
     pub fn forward<'a>(
         &'a self,
-        req: Request<Counted>,
+        mut req: Request<Counted>,
         client: ClientSide<'_>,
     ) -> impl Future<Output = Result<Response<PoolBody>, ForwardError>> + Send + use<'a> {
-        match self.prepare(req, client) {
-            Ok((req, permit, client_upgrade)) => {
-                Either::Right(self.send(req, permit, client_upgrade))
-            }
+        match self.prepare(&mut req, client) {
+            Ok((permit, client_upgrade)) => Either::Right(self.send(req, permit, client_upgrade)),
             Err(e) => Either::Left(std::future::ready(Err(e))),
         }
     }
 
-    /// `forward`'s first half: the request as the backend gets it, a place among
-    /// `backend_max_in_flight`, and the client's side of an upgrade it asks for.
+    /// `forward`'s first half: makes `req` the request the backend gets, and returns a place
+    /// among `backend_max_in_flight` and the client's side of an upgrade it asks for. In
+    /// place, not taken apart and rebuilt: the request (about 270 bytes) is copied on every
+    /// move, and it already moves several times on its way to the backend.
     fn prepare(
         &self,
-        mut req: Request<Counted>,
+        req: &mut Request<Counted>,
         client: ClientSide<'_>,
-    ) -> Result<(Request<Counted>, OwnedSemaphorePermit, Option<OnUpgrade>), ForwardError> {
+    ) -> Result<(OwnedSemaphorePermit, Option<OnUpgrade>), ForwardError> {
         let permit = self
             .in_flight
             .clone()
             .try_acquire_owned()
             .map_err(|_| ForwardError::Busy)?;
         let upgrade = wants_upgrade(req.headers());
-        let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
+        let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut *req));
 
-        let (mut parts, body) = req.into_parts();
-        parts.uri = self.backend_uri(&parts.uri)?;
-        parts.version = Version::HTTP_11;
-        parts.headers = backend_headers(std::mem::take(&mut parts.headers), client, upgrade);
-        Ok((Request::from_parts(parts, body), permit, client_upgrade))
+        *req.uri_mut() = self.backend_uri(req.uri())?;
+        *req.version_mut() = Version::HTTP_11;
+        let headers = std::mem::take(req.headers_mut());
+        *req.headers_mut() = backend_headers(headers, client, upgrade);
+        Ok((permit, client_upgrade))
     }
 
     /// `forward`'s second half.
