@@ -4,7 +4,7 @@
 use std::cell::RefCell;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::{Pin, pin};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -103,16 +103,24 @@ impl Upstream {
     /// in), then returns the future that sends it and gives the response head, with the body
     /// streaming.
     ///
-    /// The preparation runs here, before the future exists: as an async fn, this would keep
-    /// the request three times over in the future (as given, moved into its body, and taken
-    /// apart), and hyper moves a stream's whole future a few times before it first runs.
-    pub fn forward<'a>(
-        &'a self,
+    /// The preparation runs here, before the future exists, and the future owns all it needs
+    /// (`'static`), so that a caller can make it before its own future and keep it there once.
+    /// The request itself is kept only in the pool's future: every copy of it in a future
+    /// makes hyper's stream future larger, and that is copied whole, into memory last written
+    /// hundreds of requests before, when the stream starts (benches/load/README.md).
+    pub fn forward(
+        &self,
         mut req: Request<Counted>,
         client: ClientSide<'_>,
-    ) -> impl Future<Output = Result<Response<PoolBody>, ForwardError>> + Send + use<'a> {
+    ) -> impl Future<Output = Result<Response<PoolBody>, ForwardError>> + Send + use<> {
         match self.prepare(&mut req, client) {
-            Ok((permit, client_upgrade)) => Either::Right(self.send(req, permit, client_upgrade)),
+            Ok((permit, client_upgrade)) => Either::Right(Sending {
+                sent: Pool::send(Arc::clone(&self.pool), req),
+                timeout: self.backend.response_timeout,
+                timer: None,
+                permit: Some(permit),
+                client_upgrade,
+            }),
             Err(e) => Either::Left(std::future::ready(Err(e))),
         }
     }
@@ -141,57 +149,6 @@ impl Upstream {
         Ok((permit, client_upgrade))
     }
 
-    /// `forward`'s second half.
-    #[allow(
-        clippy::manual_async_fn,
-        reason = "an async fn keeps its arguments twice: as given, and moved into its body"
-    )]
-    fn send(
-        &self,
-        req: Request<Counted>,
-        permit: OwnedSemaphorePermit,
-        client_upgrade: Option<OnUpgrade>,
-    ) -> impl Future<Output = Result<Response<PoolBody>, ForwardError>> + Send + '_ {
-        async move {
-            let timeout = self.backend.response_timeout;
-            let mut timer = ResponseTimer::until(Instant::now() + timeout);
-            let mut sent = pin!(self.pool.send(req));
-            // The response is polled first, as `tokio::time::timeout` does.
-            let sent = std::future::poll_fn(|cx| match sent.as_mut().poll(cx) {
-                Poll::Ready(out) => Poll::Ready(Ok(out)),
-                Poll::Pending => timer.poll_expired(cx).map(Err),
-            });
-            let mut resp = match sent.await {
-                Err(()) => return Err(ForwardError::Timeout(timeout)),
-                Ok(Err(PoolError::Connect(e))) => return Err(ForwardError::Unreachable(e)),
-                Ok(Err(PoolError::Request(e))) => {
-                    return Err(ForwardError::Failed(error_chain(&e)));
-                }
-                Ok(Ok(r)) => r,
-            };
-
-            if resp.status() == StatusCode::SWITCHING_PROTOCOLS
-                && let Some(client_upgrade) = client_upgrade
-            {
-                resp.body_mut().detach();
-                let backend_upgrade = hyper::upgrade::on(&mut resp);
-                tokio::spawn(async move {
-                    // The permit is held for the life of the tunnel.
-                    let _permit = permit;
-                    if let (Ok(c), Ok(b)) = tokio::join!(client_upgrade, backend_upgrade) {
-                        let mut c = TokioIo::new(c);
-                        let mut b = TokioIo::new(b);
-                        let _ = tokio::io::copy_bidirectional(&mut c, &mut b).await;
-                    }
-                });
-            } else {
-                strip_hop_by_hop(resp.headers_mut());
-                drop(permit);
-            }
-            Ok(resp)
-        }
-    }
-
     /// The origin-form URI sent to the backend: its base path, then the request's path and
     /// query (the Host header says which site; the connection says which server).
     fn backend_uri(&self, original: &Uri) -> Result<Uri, ForwardError> {
@@ -203,6 +160,74 @@ impl Upstream {
         let pq = original.path_and_query().map_or("/", |pq| pq.as_str());
         Uri::try_from(format!("{}{}", self.backend.base_path, pq))
             .map_err(|e| ForwardError::Failed(e.to_string()))
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// `forward`'s second half: waits for the response head under the response timeout, then
+    /// passes an Upgrade through or strips the response's hop-by-hop headers. Written out
+    /// rather than as an async block, which would keep the pool's future twice (as captured,
+    /// and as awaited).
+    struct Sending<F> {
+        #[pin]
+        sent: F,
+        timeout: Duration,
+        // Armed on the first poll, as `tokio::time::timeout` does.
+        timer: Option<ResponseTimer>,
+        // Held until the response head is in, or for the life of an upgraded tunnel.
+        permit: Option<OwnedSemaphorePermit>,
+        client_upgrade: Option<OnUpgrade>,
+    }
+}
+
+impl<F> Future for Sending<F>
+where
+    F: Future<Output = Result<Response<PoolBody>, PoolError>>,
+{
+    type Output = Result<Response<PoolBody>, ForwardError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        // The response is polled first, as `tokio::time::timeout` does.
+        let sent = match this.sent.poll(cx) {
+            Poll::Ready(out) => out,
+            Poll::Pending => {
+                let timeout = *this.timeout;
+                let timer = this
+                    .timer
+                    .get_or_insert_with(|| ResponseTimer::until(Instant::now() + timeout));
+                return timer
+                    .poll_expired(cx)
+                    .map(|()| Err(ForwardError::Timeout(timeout)));
+            }
+        };
+        let mut resp = match sent {
+            Err(PoolError::Connect(e)) => return Poll::Ready(Err(ForwardError::Unreachable(e))),
+            Err(PoolError::Request(e)) => {
+                return Poll::Ready(Err(ForwardError::Failed(error_chain(&e))));
+            }
+            Ok(r) => r,
+        };
+        let permit = this.permit.take();
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+            && let Some(client_upgrade) = this.client_upgrade.take()
+        {
+            resp.body_mut().detach();
+            let backend_upgrade = hyper::upgrade::on(&mut resp);
+            tokio::spawn(async move {
+                // The permit is held for the life of the tunnel.
+                let _permit = permit;
+                if let (Ok(c), Ok(b)) = tokio::join!(client_upgrade, backend_upgrade) {
+                    let mut c = TokioIo::new(c);
+                    let mut b = TokioIo::new(b);
+                    let _ = tokio::io::copy_bidirectional(&mut c, &mut b).await;
+                }
+            });
+        } else {
+            strip_hop_by_hop(resp.headers_mut());
+            drop(permit);
+        }
+        Poll::Ready(Ok(resp))
     }
 }
 

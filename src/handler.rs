@@ -4,8 +4,10 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -16,7 +18,7 @@ use hyper::body::Incoming;
 
 use crate::access::{Counted, Logged, Record};
 use crate::certs::CertEntry;
-use crate::forward::ClientSide;
+use crate::forward::{ClientSide, ForwardError};
 use crate::host::{self, HostBuf};
 use crate::policy::{self, Decision, TlsFacts};
 use crate::pool::PoolBody;
@@ -77,21 +79,10 @@ impl Conn {
 }
 
 /// Counts a request whose future was dropped before it produced a response.
-struct CancelGuard<'a> {
-    conn: &'a Conn,
-    done: bool,
-}
-
-impl Drop for CancelGuard<'_> {
-    fn drop(&mut self) {
-        if self.done {
-            self.conn.answered.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
-        let cancelled = self.conn.cancelled.fetch_add(1, Ordering::Relaxed) + 1;
-        if cancelled > MAX_CANCELLED && cancelled > self.conn.answered.load(Ordering::Relaxed) {
-            self.conn.abuse.notify_one();
-        }
+fn cancelled(conn: &Conn) {
+    let cancelled = conn.cancelled.fetch_add(1, Ordering::Relaxed) + 1;
+    if cancelled > MAX_CANCELLED && cancelled > conn.answered.load(Ordering::Relaxed) {
+        conn.abuse.notify_one();
     }
 }
 
@@ -117,92 +108,132 @@ fn smuggling_shape(req: &Request<Incoming>) -> bool {
 
 /// Serves one request; never fails (errors become pages).
 ///
-/// One async block, not an async fn nor a wrapper around an inner one: an async fn keeps its
-/// arguments twice in its future (as given, and moved into its body), and hyper moves a
-/// stream's whole future a few times before it first runs.
-#[allow(
-    clippy::manual_async_fn,
-    reason = "an async fn keeps its arguments twice: as given, and moved into its body"
-)]
+/// The decision, and the making of the forwarding future, happen here, when hyper takes the
+/// request; the future returned ([`Handling`]) only waits for the backend and finishes the
+/// answer. The request is thus kept once, in the pool's future: hyper copies a stream's
+/// whole future into the stream's box when it starts, into memory last written hundreds of
+/// requests before, so every byte of it costs (benches/load/README.md).
 pub fn handle(
     conn: Arc<Conn>,
     req: Request<Incoming>,
 ) -> impl Future<Output = Result<Response<Body>, Infallible>> + Send {
-    async move {
-        let mut guard = CancelGuard {
-            conn: &conn,
-            done: false,
-        };
-        let conn = &*conn;
-        // A serving thread busy for a whole slice offers its core here (workers' module doc).
-        crate::workers::checkpoint();
-        let started = Instant::now();
-        let h1 = req.version() <= http::Version::HTTP_11;
-        let snapshot = conn.gateway.live.load_full();
-        // The access line's parts are gathered only when it will be written, straight into
-        // the record it is written from. Cheap clones (shared bytes); a counter only for
-        // requests with a body.
-        let logging = tracing::enabled!(target: "access", tracing::Level::INFO);
-        let bytes_in = (logging && !hyper::body::Body::is_end_stream(req.body()))
-            .then(|| Arc::new(AtomicU64::new(0)));
-        let mut record = logging.then(|| {
-            Box::new(Record {
-                started,
-                client: conn.peer,
-                host: None,
-                tenant: None,
-                method: req.method().clone(),
-                uri: req.uri().clone(),
-                status: 0,
-                decision: "",
-                upstream: None,
-                upstream_error: None,
-                bytes_in: bytes_in.clone(),
-            })
-        });
+    // A serving thread busy for a whole slice offers its core here (workers' module doc).
+    crate::workers::checkpoint();
+    let started = Instant::now();
+    let h1 = req.version() <= http::Version::HTTP_11;
+    let snapshot = conn.gateway.live.load_full();
+    // The access line's parts are gathered only when it will be written, straight into the
+    // record it is written from. Cheap clones (shared bytes); a counter only for requests
+    // with a body.
+    let logging = tracing::enabled!(target: "access", tracing::Level::INFO);
+    let bytes_in = (logging && !hyper::body::Body::is_end_stream(req.body()))
+        .then(|| Arc::new(AtomicU64::new(0)));
+    let mut record = logging.then(|| {
+        Box::new(Record {
+            started,
+            client: conn.peer,
+            host: None,
+            tenant: None,
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            status: 0,
+            decision: "",
+            upstream: None,
+            upstream_error: None,
+            bytes_in: bytes_in.clone(),
+        })
+    });
 
-        // Counted for every HTTP/1.x request, so the framing watch's request numbers line up.
-        let ambiguous = h1 && conn.framing.begin();
-        let bad_framing = ambiguous || smuggling_shape(&req);
-        // A browser sends all of a connection's requests to one host: the next request with
-        // the same authority, under the same configuration, is forwarded as the last one was,
-        // without normalising and looking up its host again.
-        let (plan, label) = {
-            let again = (!bad_framing)
-                .then(|| sent_authority(&req))
-                .flatten()
-                .and_then(|a| conn.forwarded_before(snapshot.generation, a));
-            match again {
-                Some((authority, tenant)) => {
-                    if let Some(r) = record.as_mut() {
-                        r.host = Some(authority.clone());
-                        r.tenant = tenant.clone();
-                    }
-                    (Plan::Forward { authority, tenant }, "forward")
+    // Counted for every HTTP/1.x request, so the framing watch's request numbers line up.
+    let ambiguous = h1 && conn.framing.begin();
+    let bad_framing = ambiguous || smuggling_shape(&req);
+    // A browser sends all of a connection's requests to one host: the next request with the
+    // same authority, under the same configuration, is forwarded as the last one was, without
+    // normalising and looking up its host again.
+    let (plan, label) = {
+        let again = (!bad_framing)
+            .then(|| sent_authority(&req))
+            .flatten()
+            .and_then(|a| conn.forwarded_before(snapshot.generation, a));
+        match again {
+            Some((authority, tenant)) => {
+                if let Some(r) = record.as_mut() {
+                    r.host = Some(authority.clone());
+                    r.tenant = tenant.clone();
                 }
-                None => plan(conn, &snapshot, &req, bad_framing, record.as_deref_mut()),
+                (Plan::Forward { authority, tenant }, "forward")
             }
-        };
+            None => plan(&conn, &snapshot, &req, bad_framing, record.as_deref_mut()),
+        }
+    };
+    let (forwarded, answer) = match plan {
+        Plan::Forward { authority, tenant } => {
+            let client = ClientSide {
+                peer_ip: &conn.peer_ip,
+                forwarded: &conn.forwarded,
+                https: conn.tls.is_some(),
+                authority: &authority,
+                tenant,
+            };
+            let req = req.map(|b| Counted::new(b, bytes_in));
+            (Some(snapshot.upstream.forward(req, client)), None)
+        }
+        Plan::Answer(resp) => (None, Some(resp)),
+    };
+    drop(snapshot);
+    Handling {
+        sent: logging.then(Instant::now),
+        forwarded,
+        answer,
+        conn,
+        started,
+        record,
+        label,
+        h1,
+        done: false,
+    }
+}
 
-        let (resp, upstream_error) = match plan {
-            Plan::Forward { authority, tenant } => {
-                // Made in a block and awaited whole, so that neither it nor what it was made
-                // from is kept in this future beside it.
-                let forwarded = {
-                    let authority = authority;
-                    let client = ClientSide {
-                        peer_ip: &conn.peer_ip,
-                        forwarded: &conn.forwarded,
-                        https: conn.tls.is_some(),
-                        authority: &authority,
-                        tenant,
-                    };
-                    let req = req.map(|b| Counted::new(b, bytes_in));
-                    snapshot.upstream.forward(req, client)
-                };
-                let sent = logging.then(Instant::now);
-                let result = forwarded.await;
-                if let (Some(r), Some(t)) = (record.as_mut(), sent) {
+pin_project_lite::pin_project! {
+    /// A request's future once the decision is made: it waits for the backend's answer (or
+    /// has its page already) and then finishes the response. Written out rather than as an
+    /// async block, which would keep the forwarding future twice (as captured, and as
+    /// awaited).
+    pub struct Handling<F> {
+        #[pin]
+        forwarded: Option<F>,
+        answer: Option<Box<Response<Page>>>,
+        conn: Arc<Conn>,
+        started: Instant,
+        sent: Option<Instant>,
+        record: Option<Box<Record>>,
+        label: &'static str,
+        h1: bool,
+        done: bool,
+    }
+
+    impl<F> PinnedDrop for Handling<F> {
+        fn drop(this: Pin<&mut Self>) {
+            if !this.done {
+                cancelled(&this.conn);
+            }
+        }
+    }
+}
+
+impl<F> Future for Handling<F>
+where
+    F: Future<Output = Result<Response<PoolBody>, ForwardError>>,
+{
+    type Output = Result<Response<Body>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        let (resp, upstream_error) = match this.forwarded.as_mut().as_pin_mut() {
+            Some(forwarded) => {
+                let result = std::task::ready!(forwarded.poll(cx));
+                this.forwarded.set(None);
+                if let (Some(r), Some(t)) = (this.record.as_mut(), *this.sent) {
                     r.upstream = Some(t.elapsed());
                 }
                 match result {
@@ -213,31 +244,38 @@ pub fn handle(
                     }
                 }
             }
-            Plan::Answer(resp) => (*resp, None),
+            None => match this.answer.take() {
+                Some(resp) => (*resp, None),
+                // Polled again after it answered.
+                None => return Poll::Pending,
+            },
         };
 
+        let conn = &**this.conn;
         let status = resp.status().as_u16();
-        if h1 && status == 101 {
+        if *this.h1 && status == 101 {
             conn.framing.set_tunnel();
         }
-        let elapsed = started.elapsed();
+        let elapsed = this.started.elapsed();
         let m = &conn.gateway.metrics;
-        m.request(label, status);
+        m.request(this.label, status);
         m.duration.observe(elapsed.as_secs_f64());
         if let Some(e) = &upstream_error {
             m.upstream_errors
                 .get_or_create(&crate::metrics::KindLabel { kind: e.label() })
                 .inc();
         }
+        let mut record = this.record.take();
         if let Some(r) = record.as_mut() {
             r.status = status;
-            r.decision = label;
+            r.decision = this.label;
             r.upstream_error = upstream_error.as_ref().map(|e| e.label());
         }
-        let done = h1.then(|| conn.framing.clone());
+        let done = this.h1.then(|| conn.framing.clone());
         let resp = resp.map(|b| Logged::new(b, record, done));
-        guard.done = true;
-        Ok(resp)
+        *this.done = true;
+        conn.answered.fetch_add(1, Ordering::Relaxed);
+        Poll::Ready(Ok(resp))
     }
 }
 

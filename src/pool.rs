@@ -104,28 +104,39 @@ impl Pool {
     /// Sends `req` (origin-form URI, Host already set) and returns the response with a body
     /// that hands the connection back when it is read to the end.
     ///
+    /// Takes the pool by value, so that the future owns what it needs and can be made before
+    /// the future that awaits it (`forward`): the request is then kept once, in this future,
+    /// not also in the caller's. The `Arc` becomes the request's [`Lease`], which held a clone
+    /// of its own before.
+    ///
     /// An async block, not an async fn, which would keep the request twice in its future.
     #[allow(
         clippy::manual_async_fn,
         reason = "an async fn keeps its arguments twice: as given, and moved into its body"
     )]
     pub fn send(
-        self: &Arc<Self>,
+        self: Arc<Self>,
         mut req: Request<Counted>,
-    ) -> impl Future<Output = Result<Response<PoolBody>, PoolError>> + Send + '_ {
+    ) -> impl Future<Output = Result<Response<PoolBody>, PoolError>> + Send + 'static {
         async move {
-            let (mut idle, lease) = self.acquire().await;
+            let (mut idle, shard) = self.acquire().await;
+            // The place is this request's from here: dropped, the lease frees it.
+            let lease = Lease {
+                pool: self,
+                shard,
+                conn: None,
+            };
             loop {
                 let (mut sender, reused) = match idle.take() {
                     Some(mut s) => {
                         if s.ready().await.is_err() {
-                            idle = self.pop_idle(lease.shard);
+                            idle = lease.pool.pop_idle(shard);
                             continue;
                         }
                         (s, true)
                     }
                     // A failed connect drops the lease, which frees its place.
-                    None => (self.connect().await?, false),
+                    None => (lease.pool.connect().await?, false),
                 };
                 match sender.try_send_request(req).await {
                     Ok(resp) => return Ok(resp.map(|body| PoolBody::new(body, sender, lease))),
@@ -133,7 +144,7 @@ impl Pool {
                         // Never sent: the reused connection had closed. Try another one.
                         Some(back) if reused => {
                             req = back;
-                            idle = self.pop_idle(lease.shard);
+                            idle = lease.pool.pop_idle(shard);
                         }
                         _ => return Err(PoolError::Request(e.into_error())),
                     },
@@ -142,23 +153,18 @@ impl Pool {
         }
     }
 
-    /// A busy place on this thread, with an idle connection when there is one (`None`: open
-    /// one). Waits for a busy connection to come back when the thread has enough of them.
-    async fn acquire(self: &Arc<Self>) -> (Option<Sender>, Lease) {
+    /// A busy place on this thread (`shard`), with an idle connection when there is one
+    /// (`None`: open one). Waits for a busy connection to come back when the thread has
+    /// enough of them. The caller makes the place a [`Lease`] at once (no await between).
+    async fn acquire(self: &Arc<Self>) -> (Option<Sender>, usize) {
         let shard = crate::workers::shard() % SHARDS;
-        // Made only once the place is this request's: dropped, a lease frees one.
-        let lease = || Lease {
-            pool: Arc::clone(self),
-            shard,
-            conn: None,
-        };
         let rx = {
             let mut sh = self.lock(shard);
             // The limit holds even with idle connections at hand: those are left over from a
             // burst that went past it, and using them would keep the pool that large.
             if sh.busy < self.queue_after_busy {
                 sh.busy += 1;
-                return (self.take_idle(&mut sh), lease());
+                return (self.take_idle(&mut sh), shard);
             }
             let (tx, rx) = oneshot::channel();
             let tick = sh.tick;
@@ -178,14 +184,14 @@ impl Pool {
         let granted = (&mut waiting.rx).await;
         drop(waiting);
         match granted {
-            Ok(Grant::Conn(s)) => (Some(s), lease()),
+            Ok(Grant::Conn(s)) => (Some(s), shard),
             // Past the limit, on an idle connection when there is one.
-            Ok(Grant::Place) => (self.pop_idle(shard), lease()),
+            Ok(Grant::Place) => (self.pop_idle(shard), shard),
             // Not sent while the pool lives; should it happen, go beyond the limit.
             Err(_) => {
                 let mut sh = self.lock(shard);
                 sh.busy += 1;
-                (self.take_idle(&mut sh), lease())
+                (self.take_idle(&mut sh), shard)
             }
         }
     }

@@ -27,7 +27,7 @@ PROXIES=("$@")
 [ ${#PROXIES[@]} -eq 0 ] && PROXIES=(logon-gate haproxy)
 LOAD=${LOAD:-h2}
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
-BIN="$ROOT/target/release/logon-gate"
+BIN="${LGBIN:-$ROOT/target/release/logon-gate}"
 OUT="$WORK/callgrind"
 mkdir -p "$OUT"
 [ -x "$BIN" ] || { echo "instructions.sh: $BIN is missing; run cargo build --release first" >&2; exit 1; }
