@@ -121,7 +121,10 @@ pub fn handle(
     crate::workers::checkpoint();
     let started = Instant::now();
     let h1 = req.version() <= http::Version::HTTP_11;
-    let snapshot = conn.gateway.live.load_full();
+    // Borrowed, not cloned: the forwarding future owns what it needs, and an `Arc` clone
+    // would write the count that every serving thread writes, moving its cache line between
+    // cores twice per request.
+    let snapshot = conn.gateway.live.load();
     // The access line's parts are gathered only when it will be written, straight into the
     // record it is written from. Cheap clones (shared bytes); a counter only for requests
     // with a body.
