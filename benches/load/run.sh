@@ -265,11 +265,20 @@ run_one() { # load name port pids...
 # reported row is each one's median round (by req/s).
 ROUNDS=${ROUNDS:-3}
 NGINX_PIDS=$(family $NGINX_PID)
+# The order rotates from round to round (logon-gate first, then nginx, then HAProxy): the
+# machine's speed can change by half within a minute, and a fixed order would give the
+# proxy that always runs last the benefit of a machine speeding up (or the cost of one
+# slowing down) in every round.
+run_proxy() { # load index
+  case $2 in
+    0) run_one "$1" logon-gate $GATE_PORT $GATE_PID ;;
+    1) run_one "$1" nginx $NGINX_PORT $NGINX_PIDS ;;
+    2) run_one "$1" haproxy $HAPROXY_PORT $HAPROXY_PID ;;
+  esac
+}
 for load in h2 h1 new; do
-  for _ in $(seq 1 "$ROUNDS"); do
-    run_one $load logon-gate $GATE_PORT $GATE_PID
-    run_one $load nginx $NGINX_PORT $NGINX_PIDS
-    run_one $load haproxy $HAPROXY_PORT $HAPROXY_PID
+  for r in $(seq 0 $((ROUNDS - 1))); do
+    for i in 0 1 2; do run_proxy $load $(((r + i) % 3)); done
   done
 done
 median() { # load name -> the median result line
