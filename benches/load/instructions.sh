@@ -10,6 +10,7 @@
 #            KEEP_WORK=1 ROUNDS=1 IDLE_N=100 benches/load/run.sh 1
 #   PROXY    logon-gate, haproxy or nginx (default: logon-gate haproxy)
 #   LOAD=h1  HTTP/1.1 keep-alive (h2load --h1 -c50) instead of HTTP/2 (h2load -c50 -m10)
+#   LGBIN=   the gateway binary to count (default: target/release/logon-gate), to compare builds
 #   LOCKED=1 also count locked instructions per request: those with a `lock` prefix, and
 #            `xchg` with memory, which is locked without one (atomic read-modify-writes).
 #            Each takes several cycles or more and orders the core's memory accesses
