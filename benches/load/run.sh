@@ -236,6 +236,9 @@ run_one() { # load name port pids...
   before=$(ticks "${pids[@]}")
   case $load in
     h2)
+      # h2load appends to its log file: without this, each round's percentiles would be
+      # those of every HTTP/2 run so far, of all three proxies.
+      rm -f "$WORK/h2.log"
       out=$(h2load -t 1 -c 50 -m 10 -D "$DUR" --connect-to=127.0.0.1:$port \
         --log-file="$WORK/h2.log" "https://webmail.example.net:$port/" 2>&1)
       reqs=$(echo "$out" | awk '/^requests:/ {print $8}')
