@@ -193,7 +193,6 @@ pub fn handle(
         record,
         label,
         h1,
-        done: false,
     }
 }
 
@@ -202,7 +201,7 @@ pin_project_lite::pin_project! {
     /// has its page already) and then finishes the response. Written out rather than as an
     /// async block, which would keep the forwarding future twice (as captured, and as
     /// awaited).
-    pub struct Handling<F> {
+    struct Handling<F> {
         #[pin]
         forwarded: Option<F>,
         answer: Option<Box<Response<Page>>>,
@@ -212,12 +211,12 @@ pin_project_lite::pin_project! {
         record: Option<Box<Record>>,
         label: &'static str,
         h1: bool,
-        done: bool,
     }
 
     impl<F> PinnedDrop for Handling<F> {
         fn drop(this: Pin<&mut Self>) {
-            if !this.done {
+            // Both are taken in the poll that answers.
+            if this.forwarded.is_some() || this.answer.is_some() {
                 cancelled(&this.conn);
             }
         }
@@ -276,7 +275,6 @@ where
         }
         let done = this.h1.then(|| conn.framing.clone());
         let resp = resp.map(|b| Logged::new(b, record, done));
-        *this.done = true;
         conn.answered.fetch_add(1, Ordering::Relaxed);
         Poll::Ready(Ok(resp))
     }
