@@ -28,6 +28,7 @@ use bytes::Bytes;
 use http::uri::Authority;
 use http::{Request, Response};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::client::conn::TrySendError;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
@@ -104,64 +105,117 @@ impl Pool {
     /// Sends `req` (origin-form URI, Host already set) and returns the response with a body
     /// that hands the connection back when it is read to the end.
     ///
-    /// Takes the pool by value, so that the future owns what it needs and can be made before
-    /// the future that awaits it (`forward`): the request is then kept once, in this future,
-    /// not also in the caller's. The `Arc` becomes the request's [`Lease`], which held a clone
-    /// of its own before.
+    /// When the thread has a place free and its newest idle connection is ready, the request
+    /// goes into that connection's queue here, before the future exists, and the future only
+    /// waits for the response ([`Sent`]). Otherwise (no idle connection, one not ready yet,
+    /// the queue, a retry) the future is a boxed [`Pool::sending`], which awaits each of those
+    /// steps. Either way the request is kept once: every byte of this future is copied when
+    /// an HTTP/2 stream starts, into memory last written hundreds of requests before, so the
+    /// common case keeps only hyper's response future, not the space of all the awaits of
+    /// the rare ones (benches/load/README.md).
     ///
-    /// An async block, not an async fn, which would keep the request twice in its future.
-    #[allow(
-        clippy::manual_async_fn,
-        reason = "an async fn keeps its arguments twice: as given, and moved into its body"
-    )]
+    /// Takes the pool by value: the `Arc` becomes the request's [`Lease`].
     pub fn send(
         self: Arc<Self>,
-        mut req: Request<Counted>,
+        req: Request<Counted>,
     ) -> impl Future<Output = Result<Response<PoolBody>, PoolError>> + Send + 'static {
-        async move {
-            let (mut idle, shard) = self.acquire().await;
-            // The place is this request's from here: dropped, the lease frees it.
-            let lease = Lease {
-                pool: self,
-                shard,
-                conn: None,
-            };
-            loop {
-                let (mut sender, reused) = match idle.take() {
-                    Some(mut s) => {
-                        if s.ready().await.is_err() {
-                            idle = lease.pool.pop_idle(shard);
-                            continue;
-                        }
-                        (s, true)
-                    }
-                    // A failed connect drops the lease, which frees its place.
-                    None => (lease.pool.connect().await?, false),
+        let shard = crate::workers::shard() % SHARDS;
+        let placed = {
+            let mut sh = self.lock(shard);
+            // The limit holds even with idle connections at hand: those are left over from a
+            // burst that went past it, and using them would keep the pool that large.
+            (sh.busy < self.queue_after_busy).then(|| {
+                sh.busy += 1;
+                self.take_idle(&mut sh)
+            })
+        };
+        match placed {
+            Some(Some(mut sender)) if sender.is_ready() => {
+                // The place is this request's from here: dropped, the lease frees it.
+                let lease = Lease {
+                    pool: self,
+                    shard,
+                    conn: None,
                 };
-                match sender.try_send_request(req).await {
-                    Ok(resp) => return Ok(resp.map(|body| PoolBody::new(body, sender, lease))),
-                    Err(mut e) => match e.take_message() {
-                        // Never sent: the reused connection had closed. Try another one.
-                        Some(back) if reused => {
-                            req = back;
-                            idle = lease.pool.pop_idle(shard);
-                        }
-                        _ => return Err(PoolError::Request(e.into_error())),
-                    },
+                let response = sender.try_send_request(req);
+                Sent {
+                    response: Some(response),
+                    held: Some((sender, lease)),
+                    slow: None,
                 }
+            }
+            Some(idle) => {
+                let lease = Lease {
+                    pool: self,
+                    shard,
+                    conn: None,
+                };
+                Sent {
+                    response: None,
+                    held: None,
+                    slow: Some(Box::pin(Pool::sending(lease, idle, req))),
+                }
+            }
+            None => Sent {
+                response: None,
+                held: None,
+                slow: Some(Box::pin(async move {
+                    let (idle, shard) = self.wait_for_place(shard).await;
+                    // The caller's place from here (no await between).
+                    let lease = Lease {
+                        pool: self,
+                        shard,
+                        conn: None,
+                    };
+                    Pool::sending(lease, idle, req).await
+                })),
+            },
+        }
+    }
+
+    /// Sends `req` holding `lease`'s place, on `idle` once it is ready, else on another idle
+    /// connection or a new one; a request that a reused connection could not even send (it
+    /// had closed meanwhile) is retried on another.
+    async fn sending(
+        lease: Lease,
+        mut idle: Option<Sender>,
+        mut req: Request<Counted>,
+    ) -> Result<Response<PoolBody>, PoolError> {
+        let shard = lease.shard;
+        loop {
+            let (mut sender, reused) = match idle.take() {
+                Some(mut s) => {
+                    if s.ready().await.is_err() {
+                        idle = lease.pool.pop_idle(shard);
+                        continue;
+                    }
+                    (s, true)
+                }
+                // A failed connect drops the lease, which frees its place.
+                None => (lease.pool.connect().await?, false),
+            };
+            match sender.try_send_request(req).await {
+                Ok(resp) => return Ok(resp.map(|body| PoolBody::new(body, sender, lease))),
+                Err(mut e) => match e.take_message() {
+                    // Never sent: the reused connection had closed. Try another one.
+                    Some(back) if reused => {
+                        req = back;
+                        idle = lease.pool.pop_idle(shard);
+                    }
+                    _ => return Err(PoolError::Request(e.into_error())),
+                },
             }
         }
     }
 
-    /// A busy place on this thread (`shard`), with an idle connection when there is one
-    /// (`None`: open one). Waits for a busy connection to come back when the thread has
-    /// enough of them. The caller makes the place a [`Lease`] at once (no await between).
-    async fn acquire(self: &Arc<Self>) -> (Option<Sender>, usize) {
-        let shard = crate::workers::shard() % SHARDS;
+    /// A busy place on `shard` once the thread has too many (`queue_after_busy`): waits for a
+    /// busy connection to come back, or for the wait to run out, and returns the connection
+    /// to use, if any (`None`: open one). The caller makes the place a [`Lease`] at once (no
+    /// await between).
+    async fn wait_for_place(self: &Arc<Self>, shard: usize) -> (Option<Sender>, usize) {
         let rx = {
             let mut sh = self.lock(shard);
-            // The limit holds even with idle connections at hand: those are left over from a
-            // burst that went past it, and using them would keep the pool that large.
+            // Freed since `send` looked.
             if sh.busy < self.queue_after_busy {
                 sh.busy += 1;
                 return (self.take_idle(&mut sh), shard);
@@ -338,6 +392,59 @@ impl Drop for Waiting<'_> {
             Ok(Grant::Conn(s)) => self.pool.give_back(self.shard, Some(s)),
             Ok(Grant::Place) => self.pool.give_back(self.shard, None),
             Err(_) => {}
+        }
+    }
+}
+
+/// What the slow path of [`Pool::send`] is kept as: boxed, so that its awaits take no room in
+/// the common case's future.
+type Sending = Pin<Box<dyn Future<Output = Result<Response<PoolBody>, PoolError>> + Send>>;
+
+pin_project_lite::pin_project! {
+    /// [`Pool::send`]'s future: hyper's response future for a request already handed to a
+    /// ready connection (`response`, with the connection and its place in `held`), or the
+    /// slow path. A request that the connection gives back unsent (it closed meanwhile) goes
+    /// on to the slow path.
+    struct Sent<F> {
+        #[pin]
+        response: Option<F>,
+        held: Option<(Sender, Lease)>,
+        slow: Option<Sending>,
+    }
+}
+
+impl<F> Future for Sent<F>
+where
+    F: Future<Output = Result<Response<Incoming>, TrySendError<Request<Counted>>>>,
+{
+    type Output = Result<Response<PoolBody>, PoolError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        if let Some(slow) = this.slow.as_mut() {
+            return slow.as_mut().poll(cx);
+        }
+        let Some(response) = this.response.as_mut().as_pin_mut() else {
+            // Polled again after it answered.
+            return Poll::Pending;
+        };
+        let result = std::task::ready!(response.poll(cx));
+        this.response.set(None);
+        let Some((sender, lease)) = this.held.take() else {
+            return Poll::Pending;
+        };
+        match result {
+            Ok(resp) => Poll::Ready(Ok(resp.map(|body| PoolBody::new(body, sender, lease)))),
+            Err(mut e) => match e.take_message() {
+                // Never sent: the connection had closed. Try another one.
+                Some(req) => {
+                    drop(sender);
+                    let idle = lease.pool.pop_idle(lease.shard);
+                    let slow = this.slow.insert(Box::pin(Pool::sending(lease, idle, req)));
+                    slow.as_mut().poll(cx)
+                }
+                None => Poll::Ready(Err(PoolError::Request(e.into_error()))),
+            },
         }
     }
 }
