@@ -52,6 +52,8 @@ async fn respond(
         "/metrics" => {
             let queued = gw.snapshot().upstream.queued();
             gw.metrics.backend_queued.set(queued as i64);
+            let in_flight = gw.snapshot().upstream.in_flight();
+            gw.metrics.backend_in_flight.set(in_flight as i64);
             reply(
                 StatusCode::OK,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",

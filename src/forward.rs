@@ -14,12 +14,11 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
 
 use crate::access::Counted;
 use crate::config::{Backend, Limits};
-use crate::pool::{Pool, PoolBody, PoolError};
+use crate::pool::{InFlight, Pool, PoolBody, PoolError};
 
 /// Why a request could not be forwarded.
 #[derive(Debug, thiserror::Error)]
@@ -58,9 +57,9 @@ impl ForwardError {
 
 /// The pooled connection to the backend, rebuilt only when its settings change.
 pub struct Upstream {
+    /// Also counts the requests in flight (`backend_max_in_flight`).
     pool: Arc<Pool>,
     backend: Backend,
-    in_flight: Arc<Semaphore>,
     max_in_flight: usize,
 }
 
@@ -84,7 +83,6 @@ impl Upstream {
         Upstream {
             pool,
             backend: backend.clone(),
-            in_flight: Arc::new(Semaphore::new(limits.backend_max_in_flight)),
             max_in_flight: limits.backend_max_in_flight,
         }
     }
@@ -92,6 +90,11 @@ impl Upstream {
     /// Requests waiting for a busy backend connection (`backend.queue_after_busy`).
     pub fn queued(&self) -> usize {
         self.pool.queued()
+    }
+
+    /// Requests in flight to the backend now (`backend_max_in_flight`).
+    pub fn in_flight(&self) -> usize {
+        self.pool.in_flight()
     }
 
     /// True when a table with these settings can keep using this upstream (and its pool).
@@ -114,11 +117,10 @@ impl Upstream {
         client: ClientSide<'_>,
     ) -> impl Future<Output = Result<Response<PoolBody>, ForwardError>> + Send + use<> {
         match self.prepare(&mut req, client) {
-            Ok((permit, client_upgrade)) => Either::Right(Sending {
-                sent: Pool::send(Arc::clone(&self.pool), req),
+            Ok((entered, client_upgrade)) => Either::Right(Sending {
+                sent: Pool::send(entered, req),
                 timeout: self.backend.response_timeout,
                 timer: None,
-                permit: Some(permit),
                 client_upgrade,
             }),
             Err(e) => Either::Left(std::future::ready(Err(e))),
@@ -133,12 +135,8 @@ impl Upstream {
         &self,
         req: &mut Request<Counted>,
         client: ClientSide<'_>,
-    ) -> Result<(OwnedSemaphorePermit, Option<OnUpgrade>), ForwardError> {
-        let permit = self
-            .in_flight
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| ForwardError::Busy)?;
+    ) -> Result<(InFlight, Option<OnUpgrade>), ForwardError> {
+        let entered = self.pool.enter().ok_or(ForwardError::Busy)?;
         let upgrade = wants_upgrade(req.headers());
         let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut *req));
 
@@ -146,7 +144,7 @@ impl Upstream {
         *req.version_mut() = Version::HTTP_11;
         let headers = std::mem::take(req.headers_mut());
         *req.headers_mut() = backend_headers(headers, client, upgrade);
-        Ok((permit, client_upgrade))
+        Ok((entered, client_upgrade))
     }
 
     /// The origin-form URI sent to the backend: its base path, then the request's path and
@@ -174,8 +172,6 @@ pin_project_lite::pin_project! {
         timeout: Duration,
         // Armed on the first poll, as `tokio::time::timeout` does.
         timer: Option<ResponseTimer>,
-        // Held until the response head is in, or for the life of an upgraded tunnel.
-        permit: Option<OwnedSemaphorePermit>,
         client_upgrade: Option<OnUpgrade>,
     }
 }
@@ -208,15 +204,15 @@ where
             }
             Ok(r) => r,
         };
-        let permit = this.permit.take();
+        // The request's place in flight (in the pool's lease until now) ends here, or is held
+        // for the life of an upgraded tunnel.
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS
             && let Some(client_upgrade) = this.client_upgrade.take()
         {
-            resp.body_mut().detach();
+            let entered = resp.body_mut().detach();
             let backend_upgrade = hyper::upgrade::on(&mut resp);
             tokio::spawn(async move {
-                // The permit is held for the life of the tunnel.
-                let _permit = permit;
+                let _entered = entered;
                 if let (Ok(c), Ok(b)) = tokio::join!(client_upgrade, backend_upgrade) {
                     let mut c = TokioIo::new(c);
                     let mut b = TokioIo::new(b);
@@ -225,7 +221,7 @@ where
             });
         } else {
             strip_hop_by_hop(resp.headers_mut());
-            drop(permit);
+            resp.body_mut().responded();
         }
         Poll::Ready(Ok(resp))
     }

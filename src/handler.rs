@@ -260,8 +260,7 @@ where
         }
         let elapsed = this.started.elapsed();
         let m = &conn.gateway.metrics;
-        m.request(this.label, status);
-        m.duration.observe(elapsed.as_secs_f64());
+        m.request(this.label, status, elapsed);
         if let Some(e) = &upstream_error {
             m.upstream_errors
                 .get_or_create(&crate::metrics::KindLabel { kind: e.label() })

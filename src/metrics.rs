@@ -3,13 +3,15 @@
 //! fixed set (decisions, status classes, error kinds) or from the operator's own config (a
 //! certificate's file name); never from a client's Host header.
 
-use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -52,15 +54,16 @@ const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
 /// All of the gateway's metrics.
 pub struct Metrics {
-    /// Counters of `requests`, resolved once so the request path does no label hashing.
-    by_decision: Vec<[Counter; 5]>,
-    pub requests: Family<RequestLabels, Counter>,
-    pub duration: Histogram,
+    /// `requests` and `request_duration_seconds`, counted per serving thread.
+    requests: RequestStats,
     pub connections: Family<ListenerLabel, Gauge>,
     /// Idle HTTP/1.1 connections parked (holding no HTTP state, see `park`).
     pub parked: Gauge,
     /// Requests waiting for a busy backend connection; set when scraped.
     pub backend_queued: Gauge,
+    /// Requests sent or waiting to be sent to the backend, without their response head yet,
+    /// and open WebSocket tunnels (`backend_max_in_flight`); set when scraped.
+    pub backend_in_flight: Gauge,
     pub handshakes: Family<ResultLabel, Counter>,
     pub upstream_errors: Family<KindLabel, Counter>,
     pub reloads: Family<ResultLabel, Counter>,
@@ -79,27 +82,12 @@ impl Metrics {
     /// Registers every metric under the `logon_gate` prefix.
     pub fn new() -> Metrics {
         let mut registry = Registry::with_prefix("logon_gate");
-        let requests: Family<RequestLabels, Counter> = Family::default();
-        let by_decision = DECISIONS
-            .iter()
-            .map(|d| {
-                CLASSES.map(|c| {
-                    requests
-                        .get_or_create(&RequestLabels {
-                            decision: d,
-                            status: c,
-                        })
-                        .clone()
-                })
-            })
-            .collect();
         let m = Metrics {
-            by_decision,
-            requests,
-            duration: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
+            requests: RequestStats::default(),
             connections: Family::default(),
             parked: Gauge::default(),
             backend_queued: Gauge::default(),
+            backend_in_flight: Gauge::default(),
             handshakes: Family::default(),
             upstream_errors: Family::default(),
             reloads: Family::default(),
@@ -110,12 +98,12 @@ impl Metrics {
         registry.register(
             "requests",
             "Requests by policy decision and status class",
-            m.requests.clone(),
+            RequestCounts(Arc::clone(&m.requests.shards)),
         );
         registry.register(
             "request_duration_seconds",
             "Time from request head to response head",
-            m.duration.clone(),
+            RequestDurations(Arc::clone(&m.requests.shards)),
         );
         registry.register(
             "open_connections",
@@ -131,6 +119,11 @@ impl Metrics {
             "backend_queued_requests",
             "Requests waiting for one of the busy backend connections (backend.queue_after_busy)",
             m.backend_queued.clone(),
+        );
+        registry.register(
+            "backend_in_flight_requests",
+            "Requests to the backend without their response head yet, and open tunnels (limits.backend_max_in_flight)",
+            m.backend_in_flight.clone(),
         );
         registry.register(
             "tls_handshakes",
@@ -160,22 +153,25 @@ impl Metrics {
         Metrics { registry, ..m }
     }
 
-    /// Counts one request.
-    pub fn request(&self, decision: &'static str, status: u16) {
-        let class = (status / 100).clamp(1, 5) as usize - 1;
-        match DECISIONS.iter().position(|d| *d == decision) {
-            Some(i) => {
-                self.by_decision[i][class].inc();
-            }
-            None => {
-                self.requests
-                    .get_or_create(&RequestLabels {
-                        decision,
-                        status: CLASSES[class],
-                    })
-                    .inc();
-            }
-        }
+    /// Counts one request, decided `decision` (one of [`DECISIONS`]) and answered `status`
+    /// after `took`.
+    pub fn request(&self, decision: &'static str, status: u16, took: Duration) {
+        let class = usize::from((status / 100).clamp(1, 5) - 1);
+        // Every decision's label is in DECISIONS (the tests, which meet every decision, would
+        // stop here otherwise); one missed there is counted as the last, not lost.
+        let d = DECISIONS.iter().position(|d| *d == decision);
+        debug_assert!(d.is_some(), "decision {decision} is not in DECISIONS");
+        let d = d.unwrap_or(DECISIONS.len() - 1);
+        let shard = &self.requests.shards[crate::workers::shard() % STAT_SHARDS];
+        shard.counts[d][class].fetch_add(1, Ordering::Relaxed);
+        let secs = took.as_secs_f64();
+        let bucket = DURATION_BOUNDS
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(DURATION_BOUNDS.len());
+        shard.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        let nanos = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+        shard.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
     }
 
     /// Sets the per-certificate expiry gauges from a table (old files disappear).
@@ -199,5 +195,102 @@ impl Metrics {
         let mut out = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+/// Shards of the request statistics: serving threads beyond this share them.
+const STAT_SHARDS: usize = 64;
+
+/// Upper bounds of `request_duration_seconds`' finite buckets, in seconds: 0.5 ms doubling
+/// to about 16 s.
+const DURATION_BOUNDS: [f64; 16] = {
+    let mut b = [0.0005; 16];
+    let mut i = 1;
+    while i < 16 {
+        b[i] = b[i - 1] * 2.0;
+        i += 1;
+    }
+    b
+};
+
+/// Request counts and durations, one set per serving thread (`workers::shard`), summed when
+/// scraped. prometheus-client's counter and histogram are one counter and one mutex that
+/// every serving thread wrote on every request, moving their cache lines from core to core
+/// (benches/load/README.md); each thread now writes only its own lines.
+#[derive(Debug)]
+struct RequestStats {
+    shards: Arc<[ShardStats; STAT_SHARDS]>,
+}
+
+impl Default for RequestStats {
+    fn default() -> Self {
+        RequestStats {
+            shards: Arc::new(std::array::from_fn(|_| ShardStats::default())),
+        }
+    }
+}
+
+/// One thread's statistics, on cache lines of its own.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct ShardStats {
+    /// By decision (`DECISIONS`) and status class (`CLASSES`).
+    counts: [[AtomicU64; 5]; 7],
+    /// Requests by the first duration bucket they fall in; the last is `+Inf`.
+    buckets: [AtomicU64; 17],
+    sum_nanos: AtomicU64,
+}
+
+/// The `requests` counter family, read from the shards.
+#[derive(Debug)]
+struct RequestCounts(Arc<[ShardStats; STAT_SHARDS]>);
+
+impl EncodeMetric for RequestCounts {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        for (d, decision) in DECISIONS.iter().enumerate() {
+            for (c, status) in CLASSES.iter().enumerate() {
+                let n: u64 = self
+                    .0
+                    .iter()
+                    .map(|s| s.counts[d][c].load(Ordering::Relaxed))
+                    .sum();
+                encoder
+                    .encode_family(&RequestLabels { decision, status })?
+                    .encode_counter::<NoLabelSet, _, u64>(&n, None)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Counter
+    }
+}
+
+/// The `request_duration_seconds` histogram, read from the shards.
+#[derive(Debug)]
+struct RequestDurations(Arc<[ShardStats; STAT_SHARDS]>);
+
+impl EncodeMetric for RequestDurations {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let mut buckets: Vec<(f64, u64)> = DURATION_BOUNDS
+            .iter()
+            .copied()
+            .chain([f64::INFINITY])
+            .map(|b| (b, 0))
+            .collect();
+        let mut sum_nanos = 0u64;
+        for shard in self.0.iter() {
+            for (b, n) in buckets.iter_mut().zip(&shard.buckets) {
+                b.1 += n.load(Ordering::Relaxed);
+            }
+            sum_nanos = sum_nanos.saturating_add(shard.sum_nanos.load(Ordering::Relaxed));
+        }
+        let count = buckets.iter().map(|b| b.1).sum();
+        encoder.encode_histogram::<NoLabelSet>(sum_nanos as f64 / 1e9, count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
     }
 }

@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::uri::Authority;
-use http::{Request, Response};
+use http::{Request, Response, StatusCode};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::TrySendError;
 use hyper::client::conn::http1::{self, SendRequest};
@@ -48,23 +48,50 @@ pub enum PoolError {
     Request(hyper::Error),
 }
 
-/// Pooled connections to one backend.
+/// Pooled connections to one backend, and the count of requests in flight to it.
 pub struct Pool {
+    /// Requests between [`Pool::enter`] and their response head (or the end of their tunnel),
+    /// held to `max_in_flight`. Counted here, not in a semaphore of its own: the place rides
+    /// along in the request's [`Lease`], which holds this pool's `Arc` anyway, and a plain
+    /// counter takes two atomic operations per request where tokio's semaphore took six
+    /// (its `Arc`, and a mutex on every release), each on a cache line that both serving
+    /// threads write.
+    in_flight: Padded<AtomicUsize>,
+    /// Read on every request; kept off the cache lines written on every request (this
+    /// `Arc`'s count, `in_flight`), so that reading them does not wait for the other core.
+    settings: Padded<Settings>,
+}
+
+/// A value on cache lines of its own (two: the prefetcher fetches lines in pairs).
+#[repr(align(128))]
+struct Padded<T>(T);
+
+impl<T> std::ops::Deref for Padded<T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
+/// What the pool reads on every request and rarely writes.
+struct Settings {
+    /// One per serving thread (`workers::shard`): a connection's task runs on the thread that
+    /// made it, so a request reuses one made on its own thread. Padded: each thread locks its
+    /// own on every request, which would otherwise move a line shared with its neighbour's.
+    shards: Box<[Padded<Mutex<Shard>>]>,
+    max_in_flight: usize,
     authority: Authority,
     connect_timeout: Duration,
     max_idle: usize,
     queue_after_busy: usize,
     queue_wait: Duration,
-    /// One per serving thread (`workers::shard`): a connection's task runs on the thread that
-    /// made it, so a request reuses one made on its own thread.
-    shards: Box<[Mutex<Shard>]>,
-    /// Idle connections in all shards, held to `max_idle` as one pool would be.
-    idle_count: AtomicUsize,
 }
 
 /// One serving thread's connections.
 #[derive(Default)]
 struct Shard {
+    /// Held to the pool's `max_idle` per thread.
     idle: Vec<Sender>,
     /// Connections handed to requests and not back yet (each held by a [`Lease`]).
     busy: usize,
@@ -89,17 +116,44 @@ enum Grant {
 const SHARDS: usize = 64;
 
 impl Pool {
-    /// An empty pool for `backend`, keeping at most `max_idle` idle connections.
-    pub fn new(backend: &Backend, max_idle: usize) -> Arc<Pool> {
+    /// An empty pool for `backend` that lets `max_in_flight` requests be in flight at once,
+    /// and keeps as many idle connections per serving thread.
+    pub fn new(backend: &Backend, max_in_flight: usize) -> Arc<Pool> {
         Arc::new(Pool {
-            authority: backend.authority.clone(),
-            connect_timeout: backend.connect_timeout,
-            max_idle,
-            queue_after_busy: backend.queue_after_busy,
-            queue_wait: backend.queue_wait,
-            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
-            idle_count: AtomicUsize::new(0),
+            in_flight: Padded(AtomicUsize::new(0)),
+            settings: Padded(Settings {
+                shards: (0..SHARDS).map(|_| Padded(Mutex::default())).collect(),
+                max_in_flight,
+                authority: backend.authority.clone(),
+                connect_timeout: backend.connect_timeout,
+                max_idle: max_in_flight,
+                queue_after_busy: backend.queue_after_busy,
+                queue_wait: backend.queue_wait,
+            }),
         })
+    }
+
+    /// A place among the requests in flight, or `None` when `max_in_flight` are.
+    pub fn enter(self: &Arc<Self>) -> Option<InFlight> {
+        let max = self.settings.max_in_flight;
+        self.in_flight
+            .fetch_update(Ordering::Acquire, Ordering::Relaxed, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()?;
+        Some(InFlight {
+            pool: Arc::clone(self),
+            counted: true,
+        })
+    }
+
+    /// Requests in flight now.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    fn leave(&self) {
+        self.in_flight.fetch_sub(1, Ordering::Release);
     }
 
     /// Sends `req` (origin-form URI, Host already set) and returns the response with a body
@@ -114,29 +168,26 @@ impl Pool {
     /// common case keeps only hyper's response future, not the space of all the awaits of
     /// the rare ones (benches/load/README.md).
     ///
-    /// Takes the pool by value: the `Arc` becomes the request's [`Lease`].
+    /// Takes the request's place in flight, whose pool `Arc` becomes the request's [`Lease`].
     pub fn send(
-        self: Arc<Self>,
+        entered: InFlight,
         req: Request<Counted>,
     ) -> impl Future<Output = Result<Response<PoolBody>, PoolError>> + Send + 'static {
         let shard = crate::workers::shard() % SHARDS;
         let placed = {
-            let mut sh = self.lock(shard);
+            let pool = &entered.pool;
+            let mut sh = pool.lock(shard);
             // The limit holds even with idle connections at hand: those are left over from a
             // burst that went past it, and using them would keep the pool that large.
-            (sh.busy < self.queue_after_busy).then(|| {
+            (sh.busy < pool.settings.queue_after_busy).then(|| {
                 sh.busy += 1;
-                self.take_idle(&mut sh)
+                pool.take_idle(&mut sh)
             })
         };
         match placed {
             Some(Some(mut sender)) if sender.is_ready() => {
-                // The place is this request's from here: dropped, the lease frees it.
-                let lease = Lease {
-                    pool: self,
-                    shard,
-                    conn: None,
-                };
+                // The busy place is this request's from here: dropped, the lease frees it.
+                let lease = entered.placed(shard);
                 let response = sender.try_send_request(req);
                 Sent {
                     response: Some(response),
@@ -144,30 +195,18 @@ impl Pool {
                     slow: None,
                 }
             }
-            Some(idle) => {
-                let lease = Lease {
-                    pool: self,
-                    shard,
-                    conn: None,
-                };
-                Sent {
-                    response: None,
-                    held: None,
-                    slow: Some(Box::pin(Pool::sending(lease, idle, req))),
-                }
-            }
+            Some(idle) => Sent {
+                response: None,
+                held: None,
+                slow: Some(Box::pin(Pool::sending(entered.placed(shard), idle, req))),
+            },
             None => Sent {
                 response: None,
                 held: None,
                 slow: Some(Box::pin(async move {
-                    let (idle, shard) = self.wait_for_place(shard).await;
-                    // The caller's place from here (no await between).
-                    let lease = Lease {
-                        pool: self,
-                        shard,
-                        conn: None,
-                    };
-                    Pool::sending(lease, idle, req).await
+                    let idle = entered.pool.wait_for_place(shard).await;
+                    // The busy place is this request's from here (no await between).
+                    Pool::sending(entered.placed(shard), idle, req).await
                 })),
             },
         }
@@ -186,21 +225,21 @@ impl Pool {
             let (mut sender, reused) = match idle.take() {
                 Some(mut s) => {
                     if s.ready().await.is_err() {
-                        idle = lease.pool.pop_idle(shard);
+                        idle = lease.pool().pop_idle(shard);
                         continue;
                     }
                     (s, true)
                 }
                 // A failed connect drops the lease, which frees its place.
-                None => (lease.pool.connect().await?, false),
+                None => (lease.pool().connect().await?, false),
             };
             match sender.try_send_request(req).await {
-                Ok(resp) => return Ok(resp.map(|body| PoolBody::new(body, sender, lease))),
+                Ok(resp) => return Ok(PoolBody::response(resp, sender, lease)),
                 Err(mut e) => match e.take_message() {
                     // Never sent: the reused connection had closed. Try another one.
                     Some(back) if reused => {
                         req = back;
-                        idle = lease.pool.pop_idle(shard);
+                        idle = lease.pool().pop_idle(shard);
                     }
                     _ => return Err(PoolError::Request(e.into_error())),
                 },
@@ -210,15 +249,15 @@ impl Pool {
 
     /// A busy place on `shard` once the thread has too many (`queue_after_busy`): waits for a
     /// busy connection to come back, or for the wait to run out, and returns the connection
-    /// to use, if any (`None`: open one). The caller makes the place a [`Lease`] at once (no
+    /// to use, if any (`None`: open one). The caller makes the place its lease's at once (no
     /// await between).
-    async fn wait_for_place(self: &Arc<Self>, shard: usize) -> (Option<Sender>, usize) {
+    async fn wait_for_place(self: &Arc<Self>, shard: usize) -> Option<Sender> {
         let rx = {
             let mut sh = self.lock(shard);
             // Freed since `send` looked.
-            if sh.busy < self.queue_after_busy {
+            if sh.busy < self.settings.queue_after_busy {
                 sh.busy += 1;
-                return (self.take_idle(&mut sh), shard);
+                return self.take_idle(&mut sh);
             }
             let (tx, rx) = oneshot::channel();
             let tick = sh.tick;
@@ -238,14 +277,14 @@ impl Pool {
         let granted = (&mut waiting.rx).await;
         drop(waiting);
         match granted {
-            Ok(Grant::Conn(s)) => (Some(s), shard),
+            Ok(Grant::Conn(s)) => Some(s),
             // Past the limit, on an idle connection when there is one.
-            Ok(Grant::Place) => (self.pop_idle(shard), shard),
+            Ok(Grant::Place) => self.pop_idle(shard),
             // Not sent while the pool lives; should it happen, go beyond the limit.
             Err(_) => {
                 let mut sh = self.lock(shard);
                 sh.busy += 1;
-                (self.take_idle(&mut sh), shard)
+                self.take_idle(&mut sh)
             }
         }
     }
@@ -254,7 +293,7 @@ impl Pool {
     /// in two ticks ago or earlier (so have waited at least half of it, at most all of it)
     /// open connections of their own, beyond the limit.
     async fn watch(self: Arc<Self>, shard: usize) {
-        let every = (self.queue_wait / 2).max(Duration::from_millis(1));
+        let every = (self.settings.queue_wait / 2).max(Duration::from_millis(1));
         loop {
             tokio::time::sleep(every).await;
             let mut sh = self.lock(shard);
@@ -297,7 +336,6 @@ impl Pool {
         // No idle clock: the backend closes connections it finds idle too long, hyper
         // notices, and a request that still races such a close is retried in `send`.
         while let Some(s) = sh.idle.pop() {
-            self.idle_count.fetch_sub(1, Ordering::Relaxed);
             if !s.is_closed() {
                 return Some(s);
             }
@@ -306,13 +344,13 @@ impl Pool {
     }
 
     async fn connect(&self) -> Result<Sender, PoolError> {
-        let addr = self.authority.as_str();
-        let tcp = tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr))
+        let addr = self.settings.authority.as_str();
+        let tcp = tokio::time::timeout(self.settings.connect_timeout, TcpStream::connect(addr))
             .await
             .map_err(|_| {
                 PoolError::Connect(format!(
                     "connecting to {addr} timed out after {:?}",
-                    self.connect_timeout
+                    self.settings.connect_timeout
                 ))
             })?
             .map_err(|e| PoolError::Connect(format!("cannot connect to {addr}: {e}")))?;
@@ -349,31 +387,71 @@ impl Pool {
             }
         }
         sh.busy = sh.busy.saturating_sub(1);
-        if let Some(s) = sender {
-            if self.idle_count.fetch_add(1, Ordering::Relaxed) < self.max_idle {
-                sh.idle.push(s);
-            } else {
-                self.idle_count.fetch_sub(1, Ordering::Relaxed);
-            }
+        // Per thread: a count over all threads would be one more cache line that both write
+        // on every request.
+        if let Some(s) = sender
+            && sh.idle.len() < self.settings.max_idle
+        {
+            sh.idle.push(s);
         }
     }
 
     fn lock(&self, shard: usize) -> MutexGuard<'_, Shard> {
-        self.shards[shard].lock().unwrap_or_else(|p| p.into_inner())
+        self.settings.shards[shard]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 }
 
-/// A request's busy place on its thread. Dropping it ends the place: with `conn` set, that
-/// connection goes back for reuse.
-struct Lease {
+/// A request's place among those in flight to the backend ([`Pool::enter`]), until its
+/// response head is in or, for an upgrade, its tunnel ends.
+pub struct InFlight {
     pool: Arc<Pool>,
+    /// False once the place is given up ([`PoolBody::responded`]) while the pool's `Arc` is
+    /// still needed to hand the connection back.
+    counted: bool,
+}
+
+impl InFlight {
+    /// Takes a busy place on `shard` too (already counted there).
+    fn placed(self, shard: usize) -> Lease {
+        Lease {
+            entered: self,
+            shard,
+            conn: None,
+        }
+    }
+
+    fn end(&mut self) {
+        if std::mem::take(&mut self.counted) {
+            self.pool.leave();
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.end();
+    }
+}
+
+/// A request's busy place on its thread, and its place in flight while it lasts. Dropping it
+/// ends both: with `conn` set, that connection goes back for reuse.
+struct Lease {
+    entered: InFlight,
     shard: usize,
     conn: Option<Sender>,
 }
 
+impl Lease {
+    fn pool(&self) -> &Pool {
+        &self.entered.pool
+    }
+}
+
 impl Drop for Lease {
     fn drop(&mut self) {
-        self.pool.give_back(self.shard, self.conn.take());
+        self.entered.pool.give_back(self.shard, self.conn.take());
     }
 }
 
@@ -434,12 +512,12 @@ where
             return Poll::Pending;
         };
         match result {
-            Ok(resp) => Poll::Ready(Ok(resp.map(|body| PoolBody::new(body, sender, lease)))),
+            Ok(resp) => Poll::Ready(Ok(PoolBody::response(resp, sender, lease))),
             Err(mut e) => match e.take_message() {
                 // Never sent: the connection had closed. Try another one.
                 Some(req) => {
                     drop(sender);
-                    let idle = lease.pool.pop_idle(lease.shard);
+                    let idle = lease.pool().pop_idle(lease.shard);
                     let slow = this.slow.insert(Box::pin(Pool::sending(lease, idle, req)));
                     slow.as_mut().poll(cx)
                 }
@@ -459,16 +537,22 @@ pub struct PoolBody {
 }
 
 impl PoolBody {
-    fn new(inner: Incoming, sender: Sender, lease: Lease) -> Self {
-        let mut b = PoolBody {
-            inner,
-            sender: Some(sender),
-            lease: Some(lease),
-        };
-        if b.inner.is_end_stream() {
-            b.release();
-        }
-        b
+    /// The response with its body wrapped. An upgrade's connection is never reused (it
+    /// becomes the tunnel's), and its lease, with the request's place in flight, is kept
+    /// until the caller detaches it for the tunnel or the body is dropped.
+    fn response(resp: Response<Incoming>, sender: Sender, lease: Lease) -> Response<PoolBody> {
+        let upgrade = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+        resp.map(|inner| {
+            let mut b = PoolBody {
+                inner,
+                sender: (!upgrade).then_some(sender),
+                lease: Some(lease),
+            };
+            if !upgrade && b.inner.is_end_stream() {
+                b.release();
+            }
+            b
+        })
     }
 
     fn release(&mut self) {
@@ -477,10 +561,23 @@ impl PoolBody {
         }
     }
 
-    /// Keeps the connection out of the pool (it is being upgraded).
-    pub fn detach(&mut self) {
+    /// Gives up the request's place in flight: its response head is in.
+    pub fn responded(&mut self) {
+        if let Some(lease) = self.lease.as_mut() {
+            lease.entered.end();
+        }
+    }
+
+    /// Keeps the connection out of the pool (it is being upgraded, or failed), and returns
+    /// the request's place in flight, if it still has one, for the tunnel to hold.
+    pub fn detach(&mut self) -> Option<InFlight> {
         self.sender = None;
-        self.lease = None;
+        let mut lease = self.lease.take()?;
+        let counted = std::mem::take(&mut lease.entered.counted);
+        counted.then(|| InFlight {
+            pool: Arc::clone(&lease.entered.pool),
+            counted,
+        })
     }
 }
 
@@ -496,7 +593,7 @@ impl Body for PoolBody {
         match &polled {
             Poll::Ready(None) => self.release(),
             Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.release(),
-            Poll::Ready(Some(Err(_))) => self.detach(),
+            Poll::Ready(Some(Err(_))) => drop(self.detach()),
             _ => {}
         }
         polled

@@ -81,6 +81,11 @@ async fn health_metrics_and_status() {
         "{m}"
     );
     assert_eq!(
+        metric(&m, "logon_gate_backend_in_flight_requests "),
+        Some(0.0),
+        "{m}"
+    );
+    assert_eq!(
         metric(&m, "logon_gate_tls_handshakes_total{result=\"ok\"}"),
         Some(1.0),
         "{m}"
@@ -91,6 +96,22 @@ async fn health_metrics_and_status() {
         Some(3.0),
         "{m}"
     );
+    // The buckets are cumulative, and the last holds every request.
+    assert_eq!(
+        metric(
+            &m,
+            "logon_gate_request_duration_seconds_bucket{le=\"+Inf\"}"
+        ),
+        Some(3.0),
+        "{m}"
+    );
+    let under_16s = metric(
+        &m,
+        "logon_gate_request_duration_seconds_bucket{le=\"16.384\"}",
+    );
+    assert_eq!(under_16s, Some(3.0), "{m}");
+    let sum = metric(&m, "logon_gate_request_duration_seconds_sum").expect("sum");
+    assert!(sum > 0.0 && sum < 3.0 * 5.0, "{m}");
     let left = metric(
         &m,
         "logon_gate_certificate_expiry_seconds{file=\"platform.pem\"}",

@@ -669,6 +669,98 @@ async fn websockets_do_not_hold_places_in_the_backend_queue() {
     gw.stop().await.expect("gateway task");
 }
 
+/// At most `backend_max_in_flight` requests wait for the backend; one more is answered 503 at
+/// once. A place is given back with the response head (the body may still be coming) and
+/// when the backend cannot be reached; a WebSocket tunnel holds its place while it is open.
+#[tokio::test]
+async fn past_backend_max_in_flight_a_request_is_answered_503_until_a_place_is_free() {
+    let backend = Backend::start().await;
+    let f = Fixture::new(&backend.url(), "[limits]\nbackend_max_in_flight = 2\n");
+    let gw = f.start().await;
+    let upstream = gw.gateway.snapshot().upstream.clone();
+    let in_flight_now = |want: usize| {
+        let upstream = upstream.clone();
+        eventually(std::time::Duration::from_secs(5), move || {
+            let n = upstream.in_flight();
+            async move { n == want }
+        })
+    };
+    let send = h2_connect(&f, &gw).await;
+
+    let slow: Vec<_> = (0..2)
+        .map(|_| tokio::spawn(h2_get(&send, "/slow?ms=1500")))
+        .collect();
+    assert!(backend.reached(2).await, "the slow requests never arrived");
+    assert_eq!(upstream.in_flight(), 2);
+    let (status, body) = h2_get(&send, "/").await.expect("request past the limit");
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body:?}");
+    assert_eq!(backend.hits(), 2, "the refused request reached the backend");
+    for t in slow {
+        let (status, _) = t.await.expect("task").expect("slow request");
+        assert_eq!(status, StatusCode::OK);
+    }
+    assert!(
+        in_flight_now(0).await,
+        "places were kept after the responses"
+    );
+
+    // Two large bodies left unread: their heads are in, so their places are free.
+    let mut heads = Vec::new();
+    for _ in 0..2 {
+        let req = http::Request::builder()
+            .uri("https://webmail.example.net/download?n=4000000")
+            .version(http::Version::HTTP_2)
+            .body(http_body_util::Full::new(Bytes::new()))
+            .expect("request");
+        let resp = send.clone().send_request(req).await.expect("download head");
+        assert_eq!(resp.status(), StatusCode::OK);
+        heads.push(resp);
+    }
+    assert!(
+        in_flight_now(0).await,
+        "a response whose body is still coming kept its place"
+    );
+    let (status, _) = h2_get(&send, "/")
+        .await
+        .expect("request beside the downloads");
+    assert_eq!(status, StatusCode::OK);
+    drop(heads);
+
+    // A WebSocket holds a place while it is open, and gives it back when it closes.
+    let mut ws = websocket(&f, &gw).await;
+    assert_eq!(upstream.in_flight(), 1);
+    let mut ws2 = websocket(&f, &gw).await;
+    let (status, _) = h2_get(&send, "/")
+        .await
+        .expect("request beside the tunnels");
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    // A tunnel lasts until both sides have closed their connections.
+    ws.close(None).await.expect("close");
+    ws2.close(None).await.expect("close");
+    drop((ws, ws2));
+    assert!(in_flight_now(0).await, "closed tunnels kept their places");
+    let (status, _) = h2_get(&send, "/").await.expect("request after the tunnels");
+    assert_eq!(status, StatusCode::OK);
+    gw.stop().await.expect("gateway task");
+
+    // A backend that cannot be reached gives each place back: three 502s, not a 503.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let dead = closed.local_addr().expect("addr");
+    drop(closed);
+    let f = Fixture::new(
+        &format!("http://{dead}"),
+        "[limits]\nbackend_max_in_flight = 2\n",
+    );
+    let gw = f.start().await;
+    let send = h2_connect(&f, &gw).await;
+    for _ in 0..3 {
+        let (status, _) = h2_get(&send, "/").await.expect("request to a dead backend");
+        assert_eq!(status, StatusCode::BAD_GATEWAY);
+    }
+    assert_eq!(gw.gateway.snapshot().upstream.in_flight(), 0);
+    gw.stop().await.expect("gateway task");
+}
+
 // The streams of an HTTP/2 connection are polled by the connection's own task
 // (src/streams.rs); none of them may wait for another.
 #[tokio::test]
