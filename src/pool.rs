@@ -334,7 +334,7 @@ impl Pool {
 
     fn take_idle(&self, sh: &mut Shard) -> Option<Sender> {
         // No idle clock: the backend closes connections it finds idle too long, hyper
-        // notices, and a request that still races such a close is retried in `send`.
+        // notices, and a request that still races such a close is retried (`Sent`, `sending`).
         while let Some(s) = sh.idle.pop() {
             if !s.is_closed() {
                 return Some(s);
