@@ -50,10 +50,13 @@ async fn respond(
     Ok(match req.uri().path() {
         "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
         "/metrics" => {
-            let queued = gw.snapshot().upstream.queued();
-            gw.metrics.backend_queued.set(queued as i64);
-            let in_flight = gw.snapshot().upstream.in_flight();
-            gw.metrics.backend_in_flight.set(in_flight as i64);
+            let snapshot = gw.snapshot();
+            gw.metrics
+                .backend_queued
+                .set(snapshot.upstream.queued() as i64);
+            gw.metrics
+                .backend_in_flight
+                .set(snapshot.upstream.in_flight() as i64);
             reply(
                 StatusCode::OK,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",

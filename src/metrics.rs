@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use crossbeam_utils::CachePadded;
 use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::Counter;
@@ -219,31 +220,30 @@ const DURATION_BOUNDS: [f64; 16] = {
 /// (benches/load/README.md); each thread now writes only its own lines.
 #[derive(Debug)]
 struct RequestStats {
-    shards: Arc<[ShardStats; STAT_SHARDS]>,
+    shards: Arc<[CachePadded<ShardStats>; STAT_SHARDS]>,
 }
 
 impl Default for RequestStats {
     fn default() -> Self {
         RequestStats {
-            shards: Arc::new(std::array::from_fn(|_| ShardStats::default())),
+            shards: Arc::new(std::array::from_fn(|_| CachePadded::default())),
         }
     }
 }
 
-/// One thread's statistics, on cache lines of its own.
+/// One thread's statistics (kept on cache lines of their own).
 #[derive(Debug, Default)]
-#[repr(align(128))]
 struct ShardStats {
     /// By decision (`DECISIONS`) and status class (`CLASSES`).
-    counts: [[AtomicU64; 5]; 7],
+    counts: [[AtomicU64; CLASSES.len()]; DECISIONS.len()],
     /// Requests by the first duration bucket they fall in; the last is `+Inf`.
-    buckets: [AtomicU64; 17],
+    buckets: [AtomicU64; DURATION_BOUNDS.len() + 1],
     sum_nanos: AtomicU64,
 }
 
 /// The `requests` counter family, read from the shards.
 #[derive(Debug)]
-struct RequestCounts(Arc<[ShardStats; STAT_SHARDS]>);
+struct RequestCounts(Arc<[CachePadded<ShardStats>; STAT_SHARDS]>);
 
 impl EncodeMetric for RequestCounts {
     fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
@@ -269,7 +269,7 @@ impl EncodeMetric for RequestCounts {
 
 /// The `request_duration_seconds` histogram, read from the shards.
 #[derive(Debug)]
-struct RequestDurations(Arc<[ShardStats; STAT_SHARDS]>);
+struct RequestDurations(Arc<[CachePadded<ShardStats>; STAT_SHARDS]>);
 
 impl EncodeMetric for RequestDurations {
     fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {

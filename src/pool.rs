@@ -25,6 +25,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use crossbeam_utils::CachePadded;
 use http::uri::Authority;
 use http::{Request, Response, StatusCode};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
@@ -56,22 +57,10 @@ pub struct Pool {
     /// counter takes two atomic operations per request where tokio's semaphore took six
     /// (its `Arc`, and a mutex on every release), each on a cache line that both serving
     /// threads write.
-    in_flight: Padded<AtomicUsize>,
+    in_flight: CachePadded<AtomicUsize>,
     /// Read on every request; kept off the cache lines written on every request (this
     /// `Arc`'s count, `in_flight`), so that reading them does not wait for the other core.
-    settings: Padded<Settings>,
-}
-
-/// A value on cache lines of its own (two: the prefetcher fetches lines in pairs).
-#[repr(align(128))]
-struct Padded<T>(T);
-
-impl<T> std::ops::Deref for Padded<T> {
-    type Target = T;
-
-    fn deref(&self) -> &T {
-        &self.0
-    }
+    settings: CachePadded<Settings>,
 }
 
 /// What the pool reads on every request and rarely writes.
@@ -79,7 +68,7 @@ struct Settings {
     /// One per serving thread (`workers::shard`): a connection's task runs on the thread that
     /// made it, so a request reuses one made on its own thread. Padded: each thread locks its
     /// own on every request, which would otherwise move a line shared with its neighbour's.
-    shards: Box<[Padded<Mutex<Shard>>]>,
+    shards: Box<[CachePadded<Mutex<Shard>>]>,
     max_in_flight: usize,
     authority: Authority,
     connect_timeout: Duration,
@@ -120,9 +109,11 @@ impl Pool {
     /// and keeps as many idle connections per serving thread.
     pub fn new(backend: &Backend, max_in_flight: usize) -> Arc<Pool> {
         Arc::new(Pool {
-            in_flight: Padded(AtomicUsize::new(0)),
-            settings: Padded(Settings {
-                shards: (0..SHARDS).map(|_| Padded(Mutex::default())).collect(),
+            in_flight: CachePadded::new(AtomicUsize::new(0)),
+            settings: CachePadded::new(Settings {
+                shards: (0..SHARDS)
+                    .map(|_| CachePadded::new(Mutex::default()))
+                    .collect(),
                 max_in_flight,
                 authority: backend.authority.clone(),
                 connect_timeout: backend.connect_timeout,
