@@ -117,10 +117,13 @@ pub fn handle(
     conn: Arc<Conn>,
     req: Request<Incoming>,
 ) -> impl Future<Output = Result<Response<Body>, Infallible>> + Send {
-    // A serving thread busy for a whole slice offers its core here (workers' module doc).
-    crate::workers::checkpoint();
-    let started = Instant::now();
     let h1 = req.version() <= http::Version::HTTP_11;
+    // A serving thread busy for a whole slice offers its core here, between HTTP/1.1
+    // requests; not between HTTP/2 streams, which come in batches (workers' module doc).
+    if h1 {
+        crate::workers::checkpoint();
+    }
+    let started = Instant::now();
     // Borrowed, not cloned: the forwarding future owns what it needs, and an `Arc` clone
     // would write the count that every serving thread writes, moving its cache line between
     // cores twice per request.

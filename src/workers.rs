@@ -8,13 +8,21 @@
 //! accept loops, reloads and the admin endpoint stay on the main runtime.
 //!
 //! A serving thread that has run for [`SLICE`] without sleeping offers its core to whatever
-//! else waits for it (`sched_yield`), checked every [`CHECK_EVERY`] requests. Otherwise the
-//! scheduler lets it run until its tick (4 ms on a 250 Hz kernel) while what waits holds up
-//! requests: the other serving thread, when the scheduler stacks both on one core (each
-//! such wait stalled the 25 connections it serves: the HTTP/1.1 p99 was 4.4 ms), or the
-//! backend, whose answers the thread then waits for in turn (HTTP/2 throughput). Whether the
-//! thread slept is read from its count of voluntary context switches: tokio's park hooks
-//! also run when the thread only looked for events and found some, without sleeping.
+//! else waits for it (`sched_yield`). Otherwise the scheduler lets it run until its tick (4 ms
+//! on a 250 Hz kernel) while what waits holds up requests: the other serving thread, when the
+//! scheduler stacks both on one core (each such wait stalled the 25 connections it serves: the
+//! HTTP/1.1 p99 was 4.4 ms), or the backend, whose answers the thread then waits for in turn
+//! (HTTP/2 throughput). Whether the thread slept is read from its count of voluntary context
+//! switches: tokio's park hooks also run when the thread only looked for events and found
+//! some, without sleeping.
+//!
+//! The thread looks at two points. Each time its run queue empties ([`at_park`]): everything
+//! it has read has then been passed on, so a turn given away holds up nothing already taken
+//! in. And every [`CHECK_EVERY`] HTTP/1.1 requests ([`checkpoint`]), since under HTTP/1.1
+//! load the queue of a thread stacked on a busy core seldom empties. Not at HTTP/2 request
+//! starts: those come in batches, taken from one read of a connection, and a turn given away
+//! in the middle of one held the streams already taken in, and every answer queued behind
+//! them, for the whole turn (the HTTP/2 p99 was 13% higher; benches/load/README.md).
 //!
 //! With `LOGON_GATE_CPU_AFFINITY=1` each serving thread is also pinned to one CPU (as nginx's
 //! `worker_cpu_affinity auto` or HAProxy's `cpu-map` do), so that the scheduler never stacks
@@ -35,7 +43,7 @@ use tokio::sync::watch;
 thread_local! {
     /// 1 + this thread's index among the serving threads; 0 on any other thread.
     static SHARD: Cell<usize> = const { Cell::new(0) };
-    /// Requests this thread has started, for [`checkpoint`].
+    /// HTTP/1.1 requests this thread has started, for [`checkpoint`].
     static REQUESTS: Cell<u32> = const { Cell::new(0) };
     /// At the last look: the thread's voluntary context switches (how often it slept), and
     /// since when it has run without sleeping (as far as the looks can tell).
@@ -47,12 +55,12 @@ thread_local! {
 /// form of this rule measured 0.25, 0.5 and 1 ms alike (benches/load/README.md).
 pub const SLICE: Duration = Duration::from_micros(500);
 
-/// How many requests a serving thread starts between two looks: about every 0.3 to 1 ms at
+/// How many HTTP/1.1 requests a serving thread starts between two looks: about every 0.3 to 1 ms at
 /// this machine's load, for a `getrusage` call and a vDSO clock read per 16 requests.
 pub const CHECK_EVERY: u32 = 16;
 
-/// Called as each request starts. Every [`CHECK_EVERY`] requests on a serving thread, yields
-/// the core if the thread has run for [`SLICE`] without sleeping (see the module doc).
+/// Called as each HTTP/1.1 request starts. Every [`CHECK_EVERY`] requests on a serving thread,
+/// yields the core if the thread has run for [`SLICE`] without sleeping (see the module doc).
 /// Returns whether it yielded.
 pub fn checkpoint() -> bool {
     if shard() == 0 {
@@ -66,10 +74,31 @@ pub fn checkpoint() -> bool {
     if !n.is_multiple_of(CHECK_EVERY) {
         return false;
     }
+    look(Instant::now())
+}
+
+/// Called (as tokio's park hook) each time a serving thread's run queue empties: yields the
+/// core if the thread has run for [`SLICE`] without sleeping. Costs a clock read while the
+/// last look is less than a slice old, so at most one `getrusage` per slice. Returns whether
+/// it yielded.
+pub fn at_park() -> bool {
+    if shard() == 0 {
+        return false;
+    }
+    let now = Instant::now();
+    let (_, since) = RUNNING.with(Cell::get);
+    if since.is_some_and(|t| now.saturating_duration_since(t) < SLICE) {
+        return false;
+    }
+    look(now)
+}
+
+/// Yields if the thread has not slept since the last look and that look is a slice old;
+/// otherwise notes when it was last seen to have slept. Returns whether it yielded.
+fn look(now: Instant) -> bool {
     let Some(slept) = sleeps() else {
         return false;
     };
-    let now = Instant::now();
     let (last_slept, since) = RUNNING.with(Cell::get);
     let slept_since = slept != last_slept;
     if !slice_over(slept_since, since, now) {
@@ -131,6 +160,9 @@ impl Workers {
         let cpus = if pin { allowed_cpus()? } else { Vec::new() };
         for i in 0..n.max(1) {
             let rt = tokio::runtime::Builder::new_current_thread()
+                .on_thread_park(|| {
+                    at_park();
+                })
                 .enable_all()
                 .build()?;
             handles.push(rt.handle().clone());
@@ -362,6 +394,42 @@ mod tests {
             due.iter().filter(|&&y| y).count(),
             1,
             "one yield per CHECK_EVERY requests once the slice is over: {due:?}"
+        );
+    }
+
+    /// When its run queue empties, a busy serving thread yields once the slice is over, and
+    /// not before (nor again before another slice); a thread that slept meanwhile does not.
+    #[test]
+    fn parks_yield_on_busy_serving_threads_once_the_slice_is_over() {
+        assert!(!at_park(), "not a serving thread");
+        let workers = Workers::start(1, false).expect("threads");
+        let (tx, rx) = std::sync::mpsc::channel();
+        workers.spawn(async move {
+            let far = Instant::now() + Duration::from_secs(3600);
+            RUNNING.with(|r| r.set((sleeps().expect("getrusage"), Some(far))));
+            let fresh = at_park();
+            // Busy, not asleep, for a whole slice.
+            RUNNING.with(|r| r.set((sleeps().expect("getrusage"), Some(Instant::now()))));
+            let until = Instant::now() + SLICE;
+            while Instant::now() < until {
+                std::hint::spin_loop();
+            }
+            let due = at_park();
+            let again = at_park();
+            // A slice old, but the thread slept since (one fewer sleep than it has now).
+            let then = Instant::now() - SLICE;
+            RUNNING.with(|r| r.set((sleeps().expect("getrusage") - 1, Some(then))));
+            let slept = at_park();
+            let noted = RUNNING.with(Cell::get).1.is_some_and(|t| t > then);
+            let _ = tx.send((fresh, due, again, slept, noted));
+        });
+        let got = rx
+            .recv_timeout(std::time::Duration::from_secs(5))
+            .expect("task ran");
+        assert_eq!(
+            got,
+            (false, true, false, false, true),
+            "(within the slice, after it, right after yielding, after a sleep, sleep noted)"
         );
     }
 
