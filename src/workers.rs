@@ -56,8 +56,8 @@ thread_local! {
 /// form of this rule measured 0.25, 0.5 and 1 ms alike (benches/load/README.md).
 pub const SLICE: Duration = Duration::from_micros(500);
 
-/// How many HTTP/1.1 requests a serving thread starts between two looks: about every 0.3 to 1 ms at
-/// this machine's load, for a `getrusage` call and a vDSO clock read per 16 requests.
+/// How many HTTP/1.1 requests a serving thread starts between two looks: about every 0.3 to
+/// 1 ms at this machine's load, for a `getrusage` call and a vDSO clock read per 16 requests.
 pub const CHECK_EVERY: u32 = 16;
 
 /// Called as each HTTP/1.1 request starts. Every [`CHECK_EVERY`] requests on a serving thread,
