@@ -163,7 +163,7 @@ impl Metrics {
         let d = DECISIONS.iter().position(|d| *d == decision);
         debug_assert!(d.is_some(), "decision {decision} is not in DECISIONS");
         let d = d.unwrap_or(DECISIONS.len() - 1);
-        let shard = &self.requests.shards[crate::workers::shard() % STAT_SHARDS];
+        let shard = &self.requests.shards[crate::workers::slot()];
         shard.counts[d][class].fetch_add(1, Ordering::Relaxed);
         let secs = took.as_secs_f64();
         let bucket = DURATION_BOUNDS
@@ -199,9 +199,6 @@ impl Metrics {
     }
 }
 
-/// Shards of the request statistics: serving threads beyond this share them.
-const STAT_SHARDS: usize = 64;
-
 /// Upper bounds of `request_duration_seconds`' finite buckets, in seconds: 0.5 ms doubling
 /// to about 16 s.
 const DURATION_BOUNDS: [f64; 16] = {
@@ -214,14 +211,17 @@ const DURATION_BOUNDS: [f64; 16] = {
     b
 };
 
-/// Request counts and durations, one set per serving thread (`workers::shard`), summed when
+/// Request counts and durations, one set per serving thread (`workers::slot`), summed when
 /// scraped. prometheus-client's counter and histogram are one counter and one mutex that
 /// every serving thread wrote on every request, moving their cache lines from core to core
 /// (benches/load/README.md); each thread now writes only its own lines.
 #[derive(Debug)]
 struct RequestStats {
-    shards: Arc<[CachePadded<ShardStats>; STAT_SHARDS]>,
+    shards: Shards,
 }
+
+/// One [`ShardStats`] per slot of per-thread state (`workers::SLOTS`).
+type Shards = Arc<[CachePadded<ShardStats>; crate::workers::SLOTS]>;
 
 impl Default for RequestStats {
     fn default() -> Self {
@@ -243,7 +243,7 @@ struct ShardStats {
 
 /// The `requests` counter family, read from the shards.
 #[derive(Debug)]
-struct RequestCounts(Arc<[CachePadded<ShardStats>; STAT_SHARDS]>);
+struct RequestCounts(Shards);
 
 impl EncodeMetric for RequestCounts {
     fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
@@ -269,7 +269,7 @@ impl EncodeMetric for RequestCounts {
 
 /// The `request_duration_seconds` histogram, read from the shards.
 #[derive(Debug)]
-struct RequestDurations(Arc<[CachePadded<ShardStats>; STAT_SHARDS]>);
+struct RequestDurations(Shards);
 
 impl EncodeMetric for RequestDurations {
     fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {

@@ -65,7 +65,7 @@ pub struct Pool {
 
 /// What the pool reads on every request and rarely writes.
 struct Settings {
-    /// One per serving thread (`workers::shard`): a connection's task runs on the thread that
+    /// One per serving thread (`workers::slot`): a connection's task runs on the thread that
     /// made it, so a request reuses one made on its own thread. Padded: each thread locks its
     /// own on every request, which would otherwise move a line shared with its neighbour's.
     shards: Box<[CachePadded<Mutex<Shard>>]>,
@@ -101,9 +101,6 @@ enum Grant {
     Place,
 }
 
-/// Shards kept: serving threads beyond this share them.
-const SHARDS: usize = 64;
-
 impl Pool {
     /// An empty pool for `backend` that lets `max_in_flight` requests be in flight at once,
     /// and keeps as many idle connections per serving thread.
@@ -111,7 +108,7 @@ impl Pool {
         Arc::new(Pool {
             in_flight: CachePadded::new(AtomicUsize::new(0)),
             settings: CachePadded::new(Settings {
-                shards: (0..SHARDS)
+                shards: (0..crate::workers::SLOTS)
                     .map(|_| CachePadded::new(Mutex::default()))
                     .collect(),
                 max_in_flight,
@@ -164,7 +161,7 @@ impl Pool {
         entered: InFlight,
         req: Request<Counted>,
     ) -> impl Future<Output = Result<Response<PoolBody>, PoolError>> + Send + 'static {
-        let shard = crate::workers::shard() % SHARDS;
+        let shard = crate::workers::slot();
         let placed = {
             let pool = &entered.pool;
             let mut sh = pool.lock(shard);
@@ -309,7 +306,7 @@ impl Pool {
     /// Requests waiting for a busy connection now (read when scraped: a request that gave up
     /// leaves a closed entry behind until a connection comes back).
     pub fn queued(&self) -> usize {
-        (0..SHARDS)
+        (0..crate::workers::SLOTS)
             .map(|i| {
                 let sh = self.lock(i);
                 sh.waiters.iter().filter(|(_, w)| !w.is_closed()).count()

@@ -132,6 +132,15 @@ pub fn shard() -> usize {
     SHARD.with(Cell::get)
 }
 
+/// Slots of per-thread state kept (the pool's idle lists, the request statistics): serving
+/// threads beyond this share them.
+pub const SLOTS: usize = 64;
+
+/// This thread's slot among [`SLOTS`] (slot 0 for any thread that does not serve).
+pub fn slot() -> usize {
+    shard() % SLOTS
+}
+
 /// The serving threads. They end once [`Workers::finish`] is called (after the graceful
 /// shutdown), or when this is dropped.
 pub struct Workers {
@@ -365,6 +374,22 @@ mod tests {
         assert!(!slice_over(false, None, t + SLICE), "first look");
     }
 
+    /// Marks this thread as running, not asleep, since an hour from now: the slice cannot end
+    /// during what follows, however slowly a loaded machine runs it.
+    fn running_since_an_hour_from_now() {
+        let far = Instant::now() + Duration::from_secs(3600);
+        RUNNING.with(|r| r.set((sleeps().expect("getrusage"), Some(far))));
+    }
+
+    /// Runs, not asleep, for a whole slice.
+    fn busy_for_a_slice() {
+        RUNNING.with(|r| r.set((sleeps().expect("getrusage"), Some(Instant::now()))));
+        let until = Instant::now() + SLICE;
+        while Instant::now() < until {
+            std::hint::spin_loop();
+        }
+    }
+
     /// On a serving thread that runs without sleeping, a request start yields once every
     /// CHECK_EVERY requests once the slice is over, and not before; elsewhere never.
     #[test]
@@ -373,17 +398,9 @@ mod tests {
         let workers = Workers::start(1, false).expect("threads");
         let (tx, rx) = std::sync::mpsc::channel();
         workers.spawn(async move {
-            // Running since an hour from now: the slice cannot end during the first loop,
-            // however slowly a loaded machine runs it.
-            let far = Instant::now() + Duration::from_secs(3600);
-            RUNNING.with(|r| r.set((sleeps().expect("getrusage"), Some(far))));
+            running_since_an_hour_from_now();
             let fresh = (0..CHECK_EVERY * 4).filter(|_| checkpoint()).count();
-            // Busy, not asleep, for a whole slice.
-            RUNNING.with(|r| r.set((sleeps().expect("getrusage"), Some(Instant::now()))));
-            let until = Instant::now() + SLICE;
-            while Instant::now() < until {
-                std::hint::spin_loop();
-            }
+            busy_for_a_slice();
             let due: Vec<bool> = (0..CHECK_EVERY).map(|_| checkpoint()).collect();
             let _ = tx.send((fresh, due));
         });
@@ -406,15 +423,9 @@ mod tests {
         let workers = Workers::start(1, false).expect("threads");
         let (tx, rx) = std::sync::mpsc::channel();
         workers.spawn(async move {
-            let far = Instant::now() + Duration::from_secs(3600);
-            RUNNING.with(|r| r.set((sleeps().expect("getrusage"), Some(far))));
+            running_since_an_hour_from_now();
             let fresh = at_park();
-            // Busy, not asleep, for a whole slice.
-            RUNNING.with(|r| r.set((sleeps().expect("getrusage"), Some(Instant::now()))));
-            let until = Instant::now() + SLICE;
-            while Instant::now() < until {
-                std::hint::spin_loop();
-            }
+            busy_for_a_slice();
             let due = at_park();
             let again = at_park();
             // A slice old, but the thread slept since (one fewer sleep than it has now).
