@@ -63,6 +63,33 @@ fn timestamp(out: &mut String) {
     let _ = write!(out, ".{:06}Z", now.subsec_micros());
 }
 
+/// A line the process writes outside the log (the readiness line on stdout, the demo's
+/// instructions, the last error on stderr): `message key=value ...` as text, or under
+/// `--log-format json` one JSON object shaped like the log's, since a log shipper reads
+/// stdout and stderr alike.
+pub fn process_line(json: bool, level: &str, message: &str, fields: &[(&str, &str)]) -> String {
+    let mut line = String::new();
+    if json {
+        line.push_str("{\"timestamp\":\"");
+        timestamp(&mut line);
+        let _ = write!(line, "\",\"level\":\"{level}\",\"target\":\"logon_gate\"");
+        for (k, v) in [("message", message)].iter().chain(fields) {
+            line.push_str(",\"");
+            escape_json(&mut line, k);
+            line.push_str("\":\"");
+            escape_json(&mut line, v);
+            line.push('"');
+        }
+        line.push('}');
+    } else {
+        line.push_str(message);
+        for (k, v) in fields {
+            let _ = write!(line, " {k}={v}");
+        }
+    }
+    line
+}
+
 /// Appends `s` as the inside of a JSON string.
 fn escape_json(out: &mut String, s: &str) {
     for ch in s.chars() {
@@ -170,6 +197,25 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn process_lines_are_text_or_one_json_object() {
+        let fields = [("https", "127.0.0.1:1"), ("http", "off")];
+        assert_eq!(
+            process_line(false, "INFO", "listening", &fields),
+            "listening https=127.0.0.1:1 http=off"
+        );
+        let line = process_line(true, "INFO", "listening", &fields);
+        assert!(!line.contains('\n'), "{line}");
+        let v: serde_json::Value = serde_json::from_str(&line).expect("one JSON object");
+        assert_eq!(v["message"], "listening");
+        assert_eq!(v["https"], "127.0.0.1:1");
+        assert_eq!(v["http"], "off");
+        assert_eq!(v["level"], "INFO");
+        let text = process_line(true, "INFO", "demo", &[("instructions", "a \"b\"\nc")]);
+        let v: serde_json::Value = serde_json::from_str(&text).expect("one JSON object");
+        assert_eq!(v["instructions"], "a \"b\"\nc");
+    }
 
     #[test]
     fn json_strings_are_escaped() {

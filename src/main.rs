@@ -136,6 +136,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // Held to the end of main: dropping it flushes the log lines still queued.
     let _log_guard = init_tracing(cli.log_level.as_deref(), cli.log_format);
+    let json = cli.log_format == LogFormat::Json;
     let result = match cli.command.unwrap_or(Command::Serve) {
         Command::Check => check(&cli.config),
         Command::Tenant(cmd) => tenant(&cli.config, cmd),
@@ -148,17 +149,22 @@ fn main() -> ExitCode {
         }) => ops::cert::install(&cli.config, &host, &cert, &key, force)
             .map(|lines| lines.iter().for_each(|l| println!("{l}")))
             .map_err(|e| e.to_string()),
-        Command::Serve => runtime().and_then(|rt| rt.block_on(serve(cli.config))),
+        Command::Serve => runtime().and_then(|rt| rt.block_on(serve(cli.config, json))),
         Command::Demo { https, http } => runtime().and_then(|rt| {
-            rt.block_on(run_demo(demo::DemoOptions {
+            let opts = demo::DemoOptions {
                 https,
                 http,
                 config: cli.config,
-            }))
+            };
+            rt.block_on(run_demo(opts, json))
         }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(msg) if json => {
+            eprintln!("{}", logfmt::process_line(true, "ERROR", &msg, &[]));
+            ExitCode::FAILURE
+        }
         Err(msg) => {
             eprintln!("logon-gate: {msg}");
             ExitCode::FAILURE
@@ -301,13 +307,15 @@ fn check(config: &std::path::Path) -> Result<(), String> {
     }
 }
 
-async fn serve(config: PathBuf) -> Result<(), String> {
+async fn serve(config: PathBuf, json: bool) -> Result<(), String> {
     let running = server::start(&config).await.map_err(|e| e.to_string())?;
-    // One plain line on stdout, so scripts (and tests) learn the bound ports.
+    // One line on stdout, so scripts (and tests) learn the bound ports.
+    let https = running.https.map_or("off".into(), |a| a.to_string());
+    let http = running.http.map_or("off".into(), |a| a.to_string());
+    let fields = [("https", https.as_str()), ("http", http.as_str())];
     println!(
-        "listening https={} http={}",
-        running.https.map_or("off".into(), |a| a.to_string()),
-        running.http.map_or("off".into(), |a| a.to_string())
+        "{}",
+        logfmt::process_line(json, "INFO", "listening", &fields)
     );
     wait_for_stop(&running).await?;
     running
@@ -331,7 +339,7 @@ async fn wait_for_stop(running: &server::Running) -> Result<(), String> {
     Ok(())
 }
 
-async fn run_demo(opts: demo::DemoOptions) -> Result<(), String> {
+async fn run_demo(opts: demo::DemoOptions, json: bool) -> Result<(), String> {
     let backend = demo::start_backend()
         .await
         .map_err(|e| format!("cannot start the demo backend: {e}"))?;
@@ -342,7 +350,16 @@ async fn run_demo(opts: demo::DemoOptions) -> Result<(), String> {
     let (Some(https), Some(http)) = (running.https, running.http) else {
         return Err("the demo needs both listeners".into());
     };
-    println!("{}", demo::instructions(&setup, https, http));
+    let text = demo::instructions(&setup, https, http);
+    if json {
+        let fields = [("instructions", text.as_str())];
+        println!(
+            "{}",
+            logfmt::process_line(true, "INFO", "demo ready", &fields)
+        );
+    } else {
+        println!("{text}");
+    }
     wait_for_stop(&running).await?;
     running
         .wait()

@@ -53,6 +53,15 @@ pub const DECISIONS: [&str; 7] = [
 ];
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
+/// Every listener label of `open_connections`.
+pub const LISTENERS: [&str; 2] = ["https", "http"];
+/// Every result label of `tls_handshakes` (`tls::HandshakeError::label`, or `ok`/`timeout`).
+pub const HANDSHAKE_RESULTS: [&str; 4] = ["ok", "timeout", "unknown_sni", "protocol_error"];
+/// Every kind label of `upstream_errors` (`forward::ForwardError::label`).
+pub const UPSTREAM_ERROR_KINDS: [&str; 4] = ["connect", "timeout", "failed", "busy"];
+/// Every result label of `reloads`.
+pub const RELOAD_RESULTS: [&str; 2] = ["ok", "error"];
+
 /// All of the gateway's metrics.
 pub struct Metrics {
     /// `requests` and `request_duration_seconds`, counted per serving thread.
@@ -151,6 +160,20 @@ impl Metrics {
             "Seconds until each loaded certificate expires",
             m.cert_expiry.clone(),
         );
+        // Every series whose labels are known in advance exists from the start, at 0: a
+        // `rate()` or an alert on a series that appears only with its first event misses it.
+        for listener in LISTENERS {
+            let _ = m.connections.get_or_create(&ListenerLabel { listener });
+        }
+        for result in HANDSHAKE_RESULTS {
+            let _ = m.handshakes.get_or_create(&ResultLabel { result });
+        }
+        for kind in UPSTREAM_ERROR_KINDS {
+            let _ = m.upstream_errors.get_or_create(&KindLabel { kind });
+        }
+        for result in RELOAD_RESULTS {
+            let _ = m.reloads.get_or_create(&ResultLabel { result });
+        }
         Metrics { registry, ..m }
     }
 
@@ -292,5 +315,47 @@ impl EncodeMetric for RequestDurations {
 
     fn metric_type(&self) -> MetricType {
         MetricType::Histogram
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Series with labels known in advance are there, at 0, before any event.
+    #[test]
+    fn known_series_start_at_zero() {
+        let text = Metrics::new().encode();
+        let mut want: Vec<String> = Vec::new();
+        for l in LISTENERS {
+            want.push(format!("logon_gate_open_connections{{listener=\"{l}\"}} 0"));
+        }
+        for r in HANDSHAKE_RESULTS {
+            want.push(format!(
+                "logon_gate_tls_handshakes_total{{result=\"{r}\"}} 0"
+            ));
+        }
+        for k in UPSTREAM_ERROR_KINDS {
+            want.push(format!(
+                "logon_gate_upstream_errors_total{{kind=\"{k}\"}} 0"
+            ));
+        }
+        for r in RELOAD_RESULTS {
+            want.push(format!("logon_gate_reloads_total{{result=\"{r}\"}} 0"));
+        }
+        for (d, c) in DECISIONS
+            .iter()
+            .flat_map(|d| CLASSES.iter().map(move |c| (d, c)))
+        {
+            want.push(format!(
+                "logon_gate_requests_total{{decision=\"{d}\",status=\"{c}\"}} 0"
+            ));
+        }
+        for line in &want {
+            assert!(
+                text.lines().any(|l| l == line),
+                "{line} missing from:\n{text}"
+            );
+        }
     }
 }

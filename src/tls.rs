@@ -271,6 +271,21 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::AsyncReadExt;
 
+    /// `/metrics` shows every result at 0 from the start, so each must be in the list.
+    #[test]
+    fn every_handshake_label_is_a_known_series() {
+        for e in [
+            HandshakeError::NoSni,
+            HandshakeError::UnknownSni(String::new()),
+            HandshakeError::Protocol(io::Error::other("x")),
+        ] {
+            assert!(
+                crate::metrics::HANDSHAKE_RESULTS.contains(&e.label()),
+                "{e}"
+            );
+        }
+    }
+
     /// A client session store that counts the TLS 1.3 tickets it is given.
     #[derive(Debug)]
     struct Counting {

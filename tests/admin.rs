@@ -152,3 +152,35 @@ async fn health_metrics_and_status() {
     );
     gw.stop().await.expect("gateway task");
 }
+
+/// Prometheus convention: a series whose labels are known in advance is there, at 0, from
+/// the first scrape, so that `rate()` and alerts see its first increase.
+#[tokio::test]
+async fn known_series_are_zero_before_any_event() {
+    let backend = Backend::start().await;
+    let f = Fixture::new(&backend.url(), "");
+    let text = std::fs::read_to_string(f.gateway_toml())
+        .expect("read")
+        .replace("admin = \"\"", "admin = \"127.0.0.1:0\"");
+    std::fs::write(f.gateway_toml(), text).expect("write");
+    let gw = f.start().await;
+    let m = admin_get(gw.admin.expect("admin listener"), "/metrics")
+        .await
+        .text();
+    for line in [
+        "logon_gate_reloads_total{result=\"ok\"}",
+        "logon_gate_reloads_total{result=\"error\"}",
+        "logon_gate_tls_handshakes_total{result=\"ok\"}",
+        "logon_gate_tls_handshakes_total{result=\"unknown_sni\"}",
+        "logon_gate_tls_handshakes_total{result=\"timeout\"}",
+        "logon_gate_tls_handshakes_total{result=\"protocol_error\"}",
+        "logon_gate_upstream_errors_total{kind=\"connect\"}",
+        "logon_gate_upstream_errors_total{kind=\"timeout\"}",
+        "logon_gate_upstream_errors_total{kind=\"failed\"}",
+        "logon_gate_upstream_errors_total{kind=\"busy\"}",
+        "logon_gate_open_connections{listener=\"https\"}",
+        "logon_gate_open_connections{listener=\"http\"}",
+    ] {
+        assert_eq!(metric(&m, &format!("{line} ")), Some(0.0), "{line}: {m}");
+    }
+}

@@ -400,3 +400,82 @@ async fn sighup_reloads_without_a_file_change() {
     assert!(status.success(), "{status}");
     drop(killer);
 }
+
+/// Under `--log-format json` every line the process writes, on stdout and stderr alike, is
+/// one JSON object: the readiness line, the log, the access lines and the last words.
+#[tokio::test]
+async fn json_log_format_writes_only_json_lines() {
+    let backend = Backend::start().await;
+    let f = Fixture::new(&backend.url(), "");
+    let mut child = Command::new(BIN)
+        .args(["--log-format", "json", "-c"])
+        .arg(f.gateway_toml())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn gateway");
+    let pid = child.id().to_string();
+    // Bounded: the gateway is killed after 10 s whatever happens.
+    let killer = std::thread::spawn({
+        let pid = pid.clone();
+        move || {
+            std::thread::sleep(Duration::from_secs(10));
+            let _ = Command::new("kill").args(["-KILL", &pid]).status();
+        }
+    });
+    let stdout = child.stdout.take().expect("stdout");
+    let stderr = child.stderr.take().expect("stderr");
+    let errors = std::thread::spawn(move || {
+        BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .collect::<Vec<_>>()
+    });
+    let mut out = BufReader::new(stdout);
+    let first = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        out.read_line(&mut line).map(|_| (line, out))
+    })
+    .await
+    .expect("join")
+    .expect("read");
+    let (first, mut out) = first;
+    let ready: serde_json::Value = serde_json::from_str(first.trim()).expect("JSON readiness");
+    assert_eq!(ready["message"], "listening", "{first}");
+    let https: std::net::SocketAddr = ready["https"]
+        .as_str()
+        .and_then(|a| a.parse().ok())
+        .expect("https address");
+    let mut c = https_client(https, &f.pki.ca_der(), "webmail.example.net", false).await;
+    assert_eq!(
+        c.get("webmail.example.net", "/").await.status,
+        StatusCode::OK
+    );
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill")
+            .success()
+    );
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .expect("join")
+        .expect("wait");
+    assert!(status.success(), "{status}");
+    drop(killer);
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).expect("read stdout");
+    let errors = errors.join().expect("stderr reader");
+    assert!(
+        errors.iter().any(|l| l.contains("\"target\":\"access\"")),
+        "no access line: {errors:?}"
+    );
+    for line in rest.lines().chain(errors.iter().map(String::as_str)) {
+        let v: Result<serde_json::Value, _> = serde_json::from_str(line);
+        assert!(
+            v.is_ok_and(|v| v.is_object()),
+            "not a JSON object: {line:?}"
+        );
+    }
+}

@@ -735,9 +735,10 @@ async fn json_access_log_line_has_every_field() {
     .await
     .expect("join")
     .expect("read");
-    let https: std::net::SocketAddr = line
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("https="))
+    // Under JSON the readiness line is a JSON object too.
+    let ready: serde_json::Value = serde_json::from_str(line.trim()).expect("JSON readiness");
+    let https: std::net::SocketAddr = ready["https"]
+        .as_str()
         .and_then(|a| a.parse().ok())
         .expect("https address");
     let mut c = https_client(https, &f.pki.ca_der(), "webmail.example.net", false).await;
