@@ -64,11 +64,13 @@ pub struct Logged<B> {
     inner: B,
     record: Option<Box<Record>>,
     bytes_out: u64,
+    /// Nothing to send: hyper writes the head and never polls the body.
+    empty: bool,
     /// Told when this response is done with (HTTP/1.1: the connection may then idle).
     progress: Option<Arc<crate::framing::Progress>>,
 }
 
-impl<B> Logged<B> {
+impl<B: Body> Logged<B> {
     /// Wraps `inner`; the line (if any) is written when it ends or is dropped, and
     /// `progress` told when it is dropped.
     pub fn new(
@@ -77,13 +79,16 @@ impl<B> Logged<B> {
         progress: Option<Arc<crate::framing::Progress>>,
     ) -> Self {
         Logged {
+            empty: inner.is_end_stream(),
             inner,
             record,
             bytes_out: 0,
             progress,
         }
     }
+}
 
+impl<B> Logged<B> {
     fn finish(&mut self, completed: bool) {
         if let Some(r) = self.record.take() {
             r.emit(self.bytes_out, completed);
@@ -93,8 +98,9 @@ impl<B> Logged<B> {
 
 impl<B> Drop for Logged<B> {
     fn drop(&mut self) {
-        // Dropped before its end: the client went away (nginx logs these as 499).
-        self.finish(false);
+        // Dropped before its end, the client went away (nginx logs these as 499); a body
+        // that was empty from the start (204, 304, HEAD) is never polled, and is complete.
+        self.finish(self.empty);
         if let Some(p) = &self.progress {
             p.finish();
         }
@@ -138,39 +144,139 @@ where
     }
 }
 
-/// A request body that counts the bytes it passes on.
+/// A request body that counts the bytes it passes on, and, for an HTTP/2 request with a
+/// `content-length`, holds back the bytes that complete it until the stream has ended.
+///
+/// RFC 9113 §8.1.1: a request whose `content-length` differs from the sum of its DATA
+/// frames is malformed, and an intermediary MUST NOT forward it. h2 resets such a stream
+/// when its DATA run past the length or end short of it; but an HTTP/1.1 backend has the
+/// whole request once it has `content-length` bytes, so the last of them wait here until
+/// the stream's end is seen. A browser sends END_STREAM on its last DATA frame, so nothing
+/// waits in practice.
 pub struct Counted {
     inner: Incoming,
     count: Option<Arc<AtomicU64>>,
+    /// HTTP/2 with a `content-length` only (boxed: nearly every request has none).
+    exact: Option<Box<ExactLength>>,
+}
+
+/// The state of an HTTP/2 request body with a declared length.
+struct ExactLength {
+    /// Bytes still to come before the declared length is reached.
+    remaining: u64,
+    /// The frame that reached it, kept until the stream ends.
+    held: Option<Frame<Bytes>>,
+    /// Trailers seen after it, passed on after it.
+    after: Option<Option<Result<Frame<Bytes>, BodyError>>>,
 }
 
 impl Counted {
-    /// Wraps `inner`, adding to `count` (when there is one).
-    pub fn new(inner: Incoming, count: Option<Arc<AtomicU64>>) -> Self {
-        Counted { inner, count }
+    /// Wraps `inner`, adding to `count` (when there is one). `h2_length` is the
+    /// `content-length` of an HTTP/2 request (h2 has checked it parses and is the only one).
+    pub fn new(inner: Incoming, count: Option<Arc<AtomicU64>>, h2_length: Option<u64>) -> Self {
+        let exact = h2_length
+            .filter(|n| *n > 0 && !inner.is_end_stream())
+            .map(|remaining| {
+                Box::new(ExactLength {
+                    remaining,
+                    held: None,
+                    after: None,
+                })
+            });
+        Counted {
+            inner,
+            count,
+            exact,
+        }
     }
+}
+
+/// Why a request body was not passed on whole.
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Polls `inner`, adding its data to `count`.
+fn poll_counted(
+    inner: &mut Incoming,
+    count: Option<&AtomicU64>,
+    cx: &mut Context<'_>,
+) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+    let polled = Pin::new(inner).poll_frame(cx);
+    if let (Poll::Ready(Some(Ok(frame))), Some(count)) = (&polled, count)
+        && let Some(d) = frame.data_ref()
+    {
+        count.fetch_add(d.len() as u64, Ordering::Relaxed);
+    }
+    polled.map_err(BodyError::from)
 }
 
 impl Body for Counted {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled
-            && let Some(d) = frame.data_ref()
-            && let Some(count) = &self.count
-        {
-            count.fetch_add(d.len() as u64, Ordering::Relaxed);
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let Counted {
+            inner,
+            count,
+            exact,
+        } = &mut *self;
+        let count = count.as_deref();
+        let Some(exact) = exact.as_deref_mut() else {
+            return poll_counted(inner, count, cx);
+        };
+        if let Some(after) = exact.after.take() {
+            return Poll::Ready(after);
         }
-        polled
+        loop {
+            let polled = std::task::ready!(poll_counted(inner, count, cx));
+            let Some(held) = exact.held.take() else {
+                if let Some(Ok(frame)) = &polled
+                    && let Some(d) = frame.data_ref()
+                {
+                    exact.remaining = exact.remaining.saturating_sub(d.len() as u64);
+                    if exact.remaining == 0 && !inner.is_end_stream() {
+                        exact.held = polled.and_then(Result::ok);
+                        continue;
+                    }
+                }
+                return Poll::Ready(polled);
+            };
+            // The declared length is reached: only the stream's end, trailers, or empty DATA
+            // frames may follow.
+            match polled {
+                Some(Ok(frame)) if frame.data_ref().is_some_and(|d| d.is_empty()) => {
+                    exact.held = Some(held);
+                    if inner.is_end_stream() {
+                        return Poll::Ready(exact.held.take().map(Ok));
+                    }
+                }
+                // h2 resets a stream whose DATA run past its length before passing them on;
+                // should any come, the backend still never gets a whole request.
+                Some(Ok(frame)) if frame.is_data() => {
+                    return Poll::Ready(Some(Err(
+                        "the request's DATA run past its content-length (RFC 9113 §8.1.1)".into(),
+                    )));
+                }
+                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+                // Trailers, or the end: the request is whole.
+                end => {
+                    if end.is_some() {
+                        exact.after = Some(end);
+                    }
+                    return Poll::Ready(Some(Ok(held)));
+                }
+            }
+        }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        let waiting = self
+            .exact
+            .as_ref()
+            .is_some_and(|e| e.held.is_some() || e.after.is_some());
+        !waiting && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {

@@ -319,15 +319,15 @@ fn wants_upgrade(headers: &HeaderMap) -> Option<HeaderValue> {
 }
 
 /// The hop-by-hop headers, and `Upgrade` (re-added by the caller for a real upgrade), in the
-/// order `hop_by_hop_index` numbers them.
-static HOP_BY_HOP: [HeaderName; 9] = [
+/// order `hop_by_hop_index` numbers them. `Trailer` is not among them (RFC 9110 §6.6.2 makes
+/// it end-to-end, and hyper sends an HTTP/1.1 client only the trailer fields it declares).
+static HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
     header::PROXY_AUTHENTICATE,
     header::PROXY_AUTHORIZATION,
     header::TE,
-    header::TRAILER,
     header::TRANSFER_ENCODING,
     header::UPGRADE,
 ];
@@ -396,9 +396,8 @@ fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
         "proxy-authenticate" => Some(3),
         "proxy-authorization" => Some(4),
         "te" => Some(5),
-        "trailer" => Some(6),
-        "transfer-encoding" => Some(7),
-        "upgrade" => Some(8),
+        "transfer-encoding" => Some(6),
+        "upgrade" => Some(7),
         _ => None,
     }
 }
@@ -474,6 +473,8 @@ enum Role {
     Connection,
     /// Its values come first in the new `X-Forwarded-For`.
     ForwardedFor,
+    /// Joined into one `Cookie` line (RFC 9113 §8.2.3).
+    Cookie,
 }
 
 /// The role of a client header, by one match on the name's text (lengths first, then bytes).
@@ -481,12 +482,12 @@ fn role(name: &HeaderName) -> Role {
     match name.as_str() {
         "connection" => Role::Connection,
         "x-forwarded-for" => Role::ForwardedFor,
+        "cookie" => Role::Cookie,
         "keep-alive"
         | "proxy-connection"
         | "proxy-authenticate"
         | "proxy-authorization"
         | "te"
-        | "trailer"
         | "transfer-encoding"
         | "upgrade"
         | "host"
@@ -499,9 +500,14 @@ fn role(name: &HeaderName) -> Role {
 }
 
 /// The headers the backend gets: the client's, less hop-by-hop ones (and any its Connection
-/// header names) and less those the proxy headers replace, then the proxy headers, and
-/// `Connection: upgrade` with `Upgrade` when the client asks for an `upgrade` the backend
-/// should see.
+/// header names) and less those the proxy headers replace, its cookies in one `Cookie` line,
+/// then the proxy headers, and `Connection: upgrade` with `Upgrade` when the client asks for
+/// an `upgrade` the backend should see.
+///
+/// An HTTP/2 client sends each cookie as a field of its own, and RFC 9113 §8.2.3 says they
+/// are joined with `"; "` before an HTTP/1.1 hop: a backend that joins repeated lines with
+/// `", "` (PHP does) would read `a=1, b=2` as one cookie. Several `Cookie` lines from an
+/// HTTP/1.1 client (RFC 6265 §5.4 allows only one) are joined the same way.
 ///
 /// A new map sized for all of them, filled in one pass over the client's: the client's own
 /// map, sized for its headers, grew on nearly every request when the proxy headers went in
@@ -516,6 +522,7 @@ fn backend_headers(
     // Both rare, so not allocated unless used.
     let mut connection: Vec<HeaderValue> = Vec::new();
     let mut forwarded_for: Vec<HeaderValue> = Vec::new();
+    let mut cookies = Cookies::None;
     let mut current: Option<(HeaderName, Role)> = None;
     // Each name comes once, followed by its further values with `None`.
     for (name, value) in from_client {
@@ -529,8 +536,12 @@ fn backend_headers(
             }
             Some((_, Role::Connection)) => connection.push(value),
             Some((_, Role::ForwardedFor)) => forwarded_for.push(value),
+            Some((_, Role::Cookie)) => cookies.add(value),
             Some((_, Role::Drop)) | None => {}
         }
+    }
+    if let Some(cookie) = cookies.value() {
+        headers.insert(header::COOKIE, cookie);
     }
     named_by_connection(&connection, |n| {
         if n == X_FORWARDED_FOR {
@@ -570,6 +581,46 @@ fn backend_headers(
     headers
 }
 
+/// A request's cookie fields on their way to one `Cookie` line. One field, as HTTP/1.1
+/// clients send, passes as it is; only several are copied into a new value.
+enum Cookies {
+    None,
+    One(HeaderValue),
+    Joined(Vec<u8>),
+}
+
+impl Cookies {
+    fn add(&mut self, crumb: HeaderValue) {
+        // An empty crumb adds nothing but a stray separator.
+        if crumb.as_bytes().trim_ascii().is_empty() {
+            return;
+        }
+        match self {
+            Cookies::None => *self = Cookies::One(crumb),
+            Cookies::One(first) => {
+                let mut joined = Vec::with_capacity(first.len() + 2 + crumb.len());
+                joined.extend_from_slice(first.as_bytes());
+                joined.extend_from_slice(b"; ");
+                joined.extend_from_slice(crumb.as_bytes());
+                *self = Cookies::Joined(joined);
+            }
+            Cookies::Joined(joined) => {
+                joined.extend_from_slice(b"; ");
+                joined.extend_from_slice(crumb.as_bytes());
+            }
+        }
+    }
+
+    fn value(self) -> Option<HeaderValue> {
+        match self {
+            Cookies::None => None,
+            Cookies::One(v) => Some(v),
+            // Every part was a valid header value and "; " is too.
+            Cookies::Joined(bytes) => HeaderValue::from_bytes(&bytes).ok(),
+        }
+    }
+}
+
 fn set(headers: &mut HeaderMap, name: &HeaderName, value: String) {
     // Only peer IPs and an already-valid Host go in, so this cannot fail; skip rather than panic.
     if let Ok(v) = HeaderValue::try_from(value) {
@@ -595,6 +646,22 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1, "{h:?}");
         assert!(h.contains_key("x-kept"));
+    }
+
+    /// `/metrics` shows every kind at 0 from the start, so each must be in the list.
+    #[test]
+    fn every_error_label_is_a_known_series() {
+        for e in [
+            ForwardError::Unreachable(String::new()),
+            ForwardError::Timeout(Duration::ZERO),
+            ForwardError::Failed(String::new()),
+            ForwardError::Busy,
+        ] {
+            assert!(
+                crate::metrics::UPSTREAM_ERROR_KINDS.contains(&e.label()),
+                "{e}"
+            );
+        }
     }
 
     #[test]
@@ -703,7 +770,7 @@ mod tests {
         );
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert(&X_FORWARDED_FOR, HeaderValue::from_static("198.51.100.7"));
-        // HTTP/2 clients send each cookie as a header of its own: all kept, in order.
+        // HTTP/2 clients send each cookie as a header of its own (RFC 9113 §8.2.3).
         for c in ["a=1", "b=2", "c=3"] {
             h.append(header::COOKIE, HeaderValue::from_static(c));
         }
@@ -719,8 +786,9 @@ mod tests {
         let peer = peer_parts("192.0.2.1:5555".parse().expect("addr"));
         let h = backend_headers(h, side(&peer, &host, true, None), None);
 
+        // Joined, in order, into the one line an HTTP/1.1 backend reads (RFC 9113 §8.2.3).
         let cookies: Vec<_> = h.get_all(header::COOKIE).iter().collect();
-        assert_eq!(cookies, ["a=1", "b=2", "c=3"]);
+        assert_eq!(cookies, ["a=1; b=2; c=3"]);
         assert_eq!(h[header::ACCEPT], "*/*");
         assert_eq!(h[header::HOST], "webmail.example.net");
         // Named by Connection: hop-by-hop, so the client's addresses are not passed on.
@@ -737,8 +805,8 @@ mod tests {
         {
             assert!(!h.contains_key(name), "{name}: {h:?}");
         }
-        // cookie (3 values), accept, host and the four proxy headers.
-        assert_eq!(h.len(), 9, "{h:?}");
+        // cookie, accept, host and the four proxy headers.
+        assert_eq!(h.len(), 7, "{h:?}");
 
         // An upgrade the backend is to see is asked for again, by the gateway.
         let mut c = HeaderMap::new();
@@ -748,5 +816,36 @@ mod tests {
         let h = backend_headers(c, side(&peer, &host, true, None), proto);
         assert_eq!(h[header::CONNECTION], "upgrade");
         assert_eq!(h[header::UPGRADE], "websocket");
+    }
+
+    /// RFC 9113 §8.2.3: "If there are multiple Cookie header fields after decompression,
+    /// these MUST be concatenated into a single octet string using the two-octet delimiter of
+    /// 0x3b, 0x20 (the ASCII string "; ") before being passed into a non-HTTP/2 context".
+    #[test]
+    fn cookie_crumbs_become_one_line() {
+        let host = HeaderValue::from_static("webmail.example.net");
+        let peer = peer_parts("192.0.2.1:5555".parse().expect("addr"));
+        let cookies = |crumbs: &[&'static str]| {
+            let mut h = HeaderMap::new();
+            for c in crumbs {
+                h.append(header::COOKIE, HeaderValue::from_static(c));
+            }
+            let h = backend_headers(h, side(&peer, &host, true, None), None);
+            h.get_all(header::COOKIE)
+                .iter()
+                .map(|v| v.to_str().expect("ascii").to_owned())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            cookies(&["roundcube_sessid=abc", "roundcube_sessauth=xyz"]),
+            ["roundcube_sessid=abc; roundcube_sessauth=xyz"]
+        );
+        // One line (HTTP/1.1, or a client that joined them itself) passes unchanged.
+        assert_eq!(cookies(&["a=1; b=2"]), ["a=1; b=2"]);
+        assert_eq!(cookies(&["a=1; b=2", "c=3"]), ["a=1; b=2; c=3"]);
+        // Empty crumbs add no stray "; ".
+        assert_eq!(cookies(&["", "a=1", " ", "b=2"]), ["a=1; b=2"]);
+        assert!(cookies(&[]).is_empty());
+        assert!(cookies(&[""]).is_empty());
     }
 }

@@ -181,7 +181,11 @@ pub fn handle(
                 authority: &authority,
                 tenant,
             };
-            let req = req.map(|b| Counted::new(b, bytes_in));
+            let h2_length = (!h1)
+                .then(|| req.headers().get(header::CONTENT_LENGTH))
+                .flatten()
+                .and_then(|v| v.to_str().ok()?.trim().parse().ok());
+            let req = req.map(|b| Counted::new(b, bytes_in, h2_length));
             (Some(snapshot.upstream.forward(req, client)), None)
         }
         Plan::Answer(resp) => (None, Some(resp)),

@@ -12,13 +12,15 @@
 #
 # Usage: benches/load/run.sh [SECONDS]   (default 8; run as root: it installs packages with apt
 # and maps the two test host names to 127.0.0.1 in /etc/hosts for wrk, removing them after)
+# BASE_BIN=PATH adds a second logon-gate (e.g. the commit before a change, built elsewhere) as
+# the proxy "base", taking its turns in the same rounds.
 set -euo pipefail
 
 DUR=${1:-8}
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 WORK=$(mktemp -d /tmp/logon-gate-load.XXXXXX)
 HOSTS=(webmail.example.net mail.provider.test)
-BACKEND_PORT=18080 GATE_PORT=18443 NGINX_PORT=28443 HAPROXY_PORT=38443
+BACKEND_PORT=18080 GATE_PORT=18443 NGINX_PORT=28443 HAPROXY_PORT=38443 BASE_PORT=48443
 PIDS=()
 
 need() { command -v "$1" >/dev/null 2>&1; }
@@ -106,6 +108,17 @@ GATE_LOG=${GATE_LOG:-warn}
 "$BIN" serve -c gate/config/gateway.toml --log-level "$GATE_LOG" > gate/stdout 2> gate/stderr &
 GATE_PID=$!
 PIDS+=($GATE_PID)
+PROXIES=(logon-gate nginx haproxy)
+PORTS=($GATE_PORT $NGINX_PORT $HAPROXY_PORT)
+if [ -n "${BASE_BIN:-}" ]; then
+  cp -r gate base
+  sed -i "s/:$GATE_PORT\"/:$BASE_PORT\"/" base/config/gateway.toml
+  "$BASE_BIN" serve -c base/config/gateway.toml --log-level "$GATE_LOG" > base/stdout 2> base/stderr &
+  BASE_PID=$!
+  PIDS+=($BASE_PID)
+  PROXIES+=(base)
+  PORTS+=($BASE_PORT)
+fi
 
 # ---- nginx as the proxy
 mkdir -p proxy
@@ -199,7 +212,7 @@ wait_port() {
   done
   echo "port $1 did not open" >&2; exit 1
 }
-for p in $BACKEND_PORT $GATE_PORT $NGINX_PORT $HAPROXY_PORT; do wait_port "$p"; done
+for p in $BACKEND_PORT "${PORTS[@]}"; do wait_port "$p"; done
 
 # CPU ticks (user+system) of a process and its children threads; for nginx, master + workers.
 ticks() {
@@ -222,7 +235,7 @@ peak_rss_kb() {
 HZ=$(getconf CLK_TCK)
 
 # Sanity: every proxy serves the enabled host, refuses an unknown one, and sends the tenant.
-for port in $GATE_PORT $NGINX_PORT $HAPROXY_PORT; do
+for port in "${PORTS[@]}"; do
   ok=$(curl -s -o /dev/null -w '%{http_code}' --cacert ca.pem https://webmail.example.net:$port/)
   bad=$(curl -s -o /dev/null -w '%{http_code}' --cacert ca.pem -H 'Host: nobody.example.net' https://webmail.example.net:$port/)
   [ "$ok" = 200 ] && [ "$bad" = 421 ] || { echo "proxy on $port: enabled=$ok unknown=$bad (want 200/421)" >&2; exit 1; }
@@ -277,11 +290,13 @@ run_proxy() { # load index
     0) run_one "$1" logon-gate $GATE_PORT $GATE_PID ;;
     1) run_one "$1" nginx $NGINX_PORT $NGINX_PIDS ;;
     2) run_one "$1" haproxy $HAPROXY_PORT $HAPROXY_PID ;;
+    3) run_one "$1" base $BASE_PORT $BASE_PID ;;
   esac
 }
+N=${#PROXIES[@]}
 for load in h2 h1 new; do
   for r in $(seq 0 $((ROUNDS - 1))); do
-    for i in 0 1 2; do run_proxy $load $(((r + i) % 3)); done
+    for i in $(seq 0 $((N - 1))); do run_proxy $load $(((r + i) % N)); done
   done
 done
 median() { # load name -> the median result line
@@ -316,7 +331,7 @@ echo "Load comparison, $(date -u +%F), $(nproc) cores, ${DUR}s per run, median o
 printf '%-5s %-11s %10s %9s %9s %7s %12s %10s %9s\n' load proxy "req/s" p50 p99 errors "cpu µs/req" "peak RSS" "vs nginx"
 for load in h2 h1 new; do
   nginx_rps=$(median $load nginx | cut -d'|' -f3)
-  for name in logon-gate nginx haproxy; do
+  for name in "${PROXIES[@]}"; do
     IFS='|' read -r l n rps p50 p99 errs cpu rss <<< "$(median $load $name)"
     ratio=$(awk -v a="$rps" -v b="$nginx_rps" 'BEGIN {printf "%.2fx", b ? a / b : 0}')
     printf '%-5s %-11s %10.0f %9s %9s %7s %12s %8d MB %9s\n' "$l" "$n" "$rps" "$p50" "$p99" "$errs" "$cpu" $((rss / 1024)) "$ratio"

@@ -514,3 +514,4 @@ pub async fn http_client(addr: SocketAddr) -> Client {
     Client::h1(TcpStream::connect(addr).await.expect("connect")).await
 }
 pub mod dns;
+pub mod peers;
