@@ -8,11 +8,11 @@ use std::sync::Arc;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use http::HeaderValue;
-use logon_gate::certs::CertEntry;
+use logon_gate::config::certs::CertEntry;
+use logon_gate::config::host::{HostBuf, HostName, MAX_HOST_LEN};
+use logon_gate::config::table::{Logon, Table, Tenant};
 use logon_gate::config::{self, CnameState, Edition, IcpState, Source};
-use logon_gate::host::{HostBuf, HostName, MAX_HOST_LEN};
-use logon_gate::policy::{TlsFacts, decide};
-use logon_gate::table::{Logon, Table, Tenant};
+use logon_gate::proxy::policy::{TlsFacts, decide};
 
 fn table(hosts: usize) -> (Table, Vec<String>) {
     let src = Source {
@@ -22,8 +22,8 @@ fn table(hosts: usize) -> (Table, Vec<String>) {
     let (settings, _) = config::load_gateway(&src).expect("settings");
     let pki = logon_gate::pki::Pki::new("bench").expect("ca");
     let issued = pki.issue(&["bench.example"]).expect("issue");
-    let provider = logon_gate::server::provider();
-    let key = logon_gate::certs::load_pair(
+    let provider = logon_gate::config::crypto_provider();
+    let key = logon_gate::config::certs::load_pair(
         issued.cert_pem.as_bytes(),
         issued.key_pem.as_bytes(),
         &provider,
@@ -142,7 +142,7 @@ fn framing(c: &mut Criterion) {
     let mut g = c.benchmark_group("framing");
     for (name, head) in [("wrk", wrk), ("browser", browser)] {
         g.bench_function(name, |b| {
-            let mut f = logon_gate::framing::Framing::new(8192);
+            let mut f = logon_gate::serve::h1::framing::Framing::new(8192);
             b.iter(|| black_box(f.feed(black_box(&head))))
         });
     }

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use logon_gate::table::Loader;
+use logon_gate::config::table::Loader;
 
 const TENANTS: usize = 10_000;
 
@@ -65,13 +65,13 @@ fn bench(c: &mut Criterion) {
     g.measurement_time(Duration::from_secs(20));
     g.bench_function("cold_start", |b| {
         b.iter(|| {
-            let mut loader = Loader::new(logon_gate::server::provider());
+            let mut loader = Loader::new(logon_gate::config::crypto_provider());
             let t = loader.load(&gw).expect("valid");
             assert_eq!(t.host_count(), TENANTS);
         })
     });
 
-    let mut loader = Loader::new(logon_gate::server::provider());
+    let mut loader = Loader::new(logon_gate::config::crypto_provider());
     loader.load(&gw).expect("valid");
     let file = dir.path().join("tenants/tenant42.example.toml");
     let mut flip = false;

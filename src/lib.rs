@@ -1,36 +1,31 @@
 //! logon-gate: the edge gateway that makes custom webmail logon addresses real.
 //!
 //! ```text
-//! request:  server (accept) -> workers (a serving thread) -> TLS handshake under a timeout
-//!           -> tls (SNI -> certificate, from the live table) -> tls_stream (rustls)
-//!           -> handler (one request) -> policy (pure decision) -> forward (to the backend)
-//! config:   config (serde file types) -> certs (PEM -> CertifiedKey) -> table (compiled,
-//!           immutable) -> live snapshot (ArcSwap) <- reload (watcher, SIGHUP,
-//!           debounce, rebuild off the async threads, publish or keep)
-//! operator: cli (clap types, in main.rs) -> ops (check, demo) -> atomic writes
+//! request:  serve (accept, a serving thread, TLS handshake under a timeout: serve::tls picks
+//!           the certificate by SNI from the live table; h1/ and h2/ drive hyper)
+//!           -> proxy (one request: policy decides, a page refuses)
+//!           -> upstream (proxy headers, pooled HTTP/1.1 connections to the backend)
+//! config:   config (raw files -> host names, certificates -> Table, valid by construction)
+//!           -> state (the live Snapshot in an ArcSwap, shared by every task)
+//!           <- control (reload: watcher, SIGHUP, rebuild off the async threads, publish
+//!              or keep; admin: /healthz, /metrics, /status)
+//! operator: main (clap) -> ops (check, tenant, domain, cert) -> atomic file edits -> config
 //! ```
+//!
+//! Imports point down this list: serve -> control, proxy -> upstream -> state -> config,
+//! telemetry, shard. `state` imports none of the modules that use it; `ops` reads `config`
+//! only, never the serving side. ACME (certificates ordered for enabled hosts) and a store
+//! other than files (etcd) will sit beside `config`'s loader and under `control`.
 
-pub mod access;
-pub mod admin;
-pub mod certs;
 pub mod config;
+mod control;
 pub mod demo;
-pub mod forward;
-pub mod framing;
-pub mod handler;
-pub mod host;
-pub mod linger;
-pub mod logfmt;
-pub mod metrics;
+pub mod error;
 pub mod ops;
-pub mod park;
 pub mod pki;
-pub mod policy;
-pub mod pool;
-pub mod reload;
-pub mod server;
-pub mod streams;
-pub mod table;
-pub mod tls;
-pub mod tls_stream;
-pub mod workers;
+pub mod proxy;
+pub mod serve;
+mod shard;
+pub mod state;
+pub mod telemetry;
+pub mod upstream;

@@ -18,7 +18,8 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 // what it was measured to do, is said there.
 
 use logon_gate::config::Edition;
-use logon_gate::{demo, logfmt, ops, server};
+use logon_gate::telemetry::logfmt;
+use logon_gate::{demo, ops, serve};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -148,7 +149,7 @@ fn main() -> ExitCode {
             force,
         }) => ops::cert::install(&cli.config, &host, &cert, &key, force)
             .map(|lines| lines.iter().for_each(|l| println!("{l}")))
-            .map_err(|e| e.to_string()),
+            .map_err(MainError::from),
         Command::Serve => runtime().and_then(|rt| rt.block_on(serve(cli.config, json))),
         Command::Demo { https, http } => runtime().and_then(|rt| {
             let opts = demo::DemoOptions {
@@ -161,22 +162,61 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(msg) if json => {
-            eprintln!("{}", logfmt::process_line(true, "ERROR", &msg, &[]));
-            ExitCode::FAILURE
-        }
-        Err(msg) => {
-            eprintln!("logon-gate: {msg}");
-            ExitCode::FAILURE
+        Err(e) => {
+            let msg = e.sentence();
+            if json {
+                eprintln!("{}", logfmt::process_line(true, "ERROR", &msg, &[]));
+            } else {
+                eprintln!("logon-gate: {msg}");
+            }
+            e.exit_code()
         }
     }
 }
 
-fn print(r: Result<String, ops::OpError>) -> Result<(), String> {
-    r.map(|msg| println!("{msg}")).map_err(|e| e.to_string())
+/// Why a command failed; `main` says it in one sentence (causes after colons) and exits 1.
+#[derive(Debug, thiserror::Error)]
+enum MainError {
+    #[error(transparent)]
+    Op(#[from] ops::OpError),
+    #[error(transparent)]
+    Start(#[from] serve::StartError),
+    #[error("{}: configuration is invalid ({count} error{})", config.display(), if *count == 1 { "" } else { "s" })]
+    Invalid { config: PathBuf, count: usize },
+    #[error("cannot start the async runtime")]
+    Runtime(#[source] std::io::Error),
+    #[error("cannot watch {0}")]
+    Signal(&'static str, #[source] std::io::Error),
+    #[error("the gateway task failed")]
+    Task(#[source] tokio::task::JoinError),
+    #[error("cannot write the JSON")]
+    Json(#[source] serde_json::Error),
+    #[error("cannot start the demo backend")]
+    DemoBackend(#[source] std::io::Error),
+    #[error(transparent)]
+    Demo(#[from] demo::DemoError),
+    #[error("{} (change the ports with --https/--http)", logon_gate::error::sentence(.0))]
+    DemoStart(serve::StartError),
+    #[error("the demo needs both listeners")]
+    DemoListeners,
 }
 
-fn tenant(config: &std::path::Path, cmd: TenantCmd) -> Result<(), String> {
+impl MainError {
+    /// The error and its causes, each after a colon.
+    fn sentence(&self) -> String {
+        logon_gate::error::sentence(self)
+    }
+
+    fn exit_code(&self) -> ExitCode {
+        ExitCode::FAILURE
+    }
+}
+
+fn print(r: Result<String, ops::OpError>) -> Result<(), MainError> {
+    r.map(|msg| println!("{msg}")).map_err(MainError::from)
+}
+
+fn tenant(config: &std::path::Path, cmd: TenantCmd) -> Result<(), MainError> {
     use ops::lifecycle as l;
     match cmd {
         TenantCmd::Add { domain, edition } => print(l::tenant_add(config, &domain, edition)),
@@ -186,7 +226,7 @@ fn tenant(config: &std::path::Path, cmd: TenantCmd) -> Result<(), String> {
     }
 }
 
-fn domain(config: &std::path::Path, cmd: DomainCmd) -> Result<(), String> {
+fn domain(config: &std::path::Path, cmd: DomainCmd) -> Result<(), MainError> {
     use ops::lifecycle as l;
     match cmd {
         DomainCmd::Add { domain, host } => print(l::domain_add(config, &domain, &host)),
@@ -198,9 +238,9 @@ fn domain(config: &std::path::Path, cmd: DomainCmd) -> Result<(), String> {
         DomainCmd::Disable { host } => print(l::domain_disable(config, &host)),
         DomainCmd::Remove { host } => print(l::domain_remove(config, &host)),
         DomainCmd::List { domain, json } => {
-            let rows = l::domain_list(config, domain.as_deref()).map_err(|e| e.to_string())?;
+            let rows = l::domain_list(config, domain.as_deref())?;
             if json {
-                let text = serde_json::to_string_pretty(&rows).map_err(|e| e.to_string())?;
+                let text = serde_json::to_string_pretty(&rows).map_err(MainError::Json)?;
                 println!("{text}");
             } else {
                 print!("{}", l::render(&rows));
@@ -266,7 +306,7 @@ fn set_dirty_decay_ms(ms: isize) {
     }
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime, String> {
+fn runtime() -> Result<tokio::runtime::Runtime, MainError> {
     // jemalloc returns freed pages to the system only while something allocates, unless its
     // background threads do it: without them the buffers freed when connections go idle or
     // close stay resident after a burst. Not fatal if unavailable.
@@ -284,10 +324,10 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
         .worker_threads(1)
         .enable_all()
         .build()
-        .map_err(|e| format!("cannot start the async runtime: {e}"))
+        .map_err(MainError::Runtime)
 }
 
-fn check(config: &std::path::Path) -> Result<(), String> {
+fn check(config: &std::path::Path) -> Result<(), MainError> {
     match ops::check(config) {
         Ok(table) => {
             print!("{}", ops::summary(config, &table));
@@ -297,18 +337,16 @@ fn check(config: &std::path::Path) -> Result<(), String> {
             for e in &errors {
                 eprintln!("{e}");
             }
-            Err(format!(
-                "{}: configuration is invalid ({} error{})",
-                config.display(),
-                errors.len(),
-                if errors.len() == 1 { "" } else { "s" }
-            ))
+            Err(MainError::Invalid {
+                config: config.to_path_buf(),
+                count: errors.len(),
+            })
         }
     }
 }
 
-async fn serve(config: PathBuf, json: bool) -> Result<(), String> {
-    let running = server::start(&config).await.map_err(|e| e.to_string())?;
+async fn serve(config: PathBuf, json: bool) -> Result<(), MainError> {
+    let running = serve::start(&config).await?;
     // One line on stdout, so scripts (and tests) learn the bound ports.
     let https = running.https.map_or("off".into(), |a| a.to_string());
     let http = running.http.map_or("off".into(), |a| a.to_string());
@@ -318,19 +356,14 @@ async fn serve(config: PathBuf, json: bool) -> Result<(), String> {
         logfmt::process_line(json, "INFO", "listening", &fields)
     );
     wait_for_stop(&running).await?;
-    running
-        .wait()
-        .await
-        .map_err(|e| format!("the gateway task failed: {e}"))
+    running.wait().await.map_err(MainError::Task)
 }
 
 /// Waits for SIGTERM or SIGINT and starts a graceful shutdown.
-async fn wait_for_stop(running: &server::Running) -> Result<(), String> {
+async fn wait_for_stop(running: &serve::Running) -> Result<(), MainError> {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut term =
-        signal(SignalKind::terminate()).map_err(|e| format!("cannot watch SIGTERM: {e}"))?;
-    let mut int =
-        signal(SignalKind::interrupt()).map_err(|e| format!("cannot watch SIGINT: {e}"))?;
+    let mut term = signal(SignalKind::terminate()).map_err(|e| MainError::Signal("SIGTERM", e))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| MainError::Signal("SIGINT", e))?;
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM received"),
         _ = int.recv() => tracing::info!("SIGINT received"),
@@ -339,16 +372,16 @@ async fn wait_for_stop(running: &server::Running) -> Result<(), String> {
     Ok(())
 }
 
-async fn run_demo(opts: demo::DemoOptions, json: bool) -> Result<(), String> {
+async fn run_demo(opts: demo::DemoOptions, json: bool) -> Result<(), MainError> {
     let backend = demo::start_backend()
         .await
-        .map_err(|e| format!("cannot start the demo backend: {e}"))?;
+        .map_err(MainError::DemoBackend)?;
     let setup = demo::prepare(&opts, backend)?;
-    let running = server::start(&setup.gateway_toml)
+    let running = serve::start(&setup.gateway_toml)
         .await
-        .map_err(|e| format!("{e} (change the ports with --https/--http)"))?;
+        .map_err(MainError::DemoStart)?;
     let (Some(https), Some(http)) = (running.https, running.http) else {
-        return Err("the demo needs both listeners".into());
+        return Err(MainError::DemoListeners);
     };
     let text = demo::instructions(&setup, https, http);
     if json {
@@ -361,10 +394,7 @@ async fn run_demo(opts: demo::DemoOptions, json: bool) -> Result<(), String> {
         println!("{text}");
     }
     wait_for_stop(&running).await?;
-    running
-        .wait()
-        .await
-        .map_err(|e| format!("the gateway task failed: {e}"))
+    running.wait().await.map_err(MainError::Task)
 }
 
 #[cfg(test)]

@@ -292,7 +292,7 @@ type WebSocket =
     tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
 
 /// A WebSocket to the backend's echo, through the gateway over HTTP/1.1 and TLS.
-async fn websocket(f: &Fixture, gw: &logon_gate::server::Running) -> WebSocket {
+async fn websocket(f: &Fixture, gw: &logon_gate::serve::Running) -> WebSocket {
     let tls = tls_connect(
         gw.https.expect("https"),
         client_config(&f.pki.ca_der(), &[b"http/1.1"], true),
@@ -454,7 +454,7 @@ async fn backend_connections_are_pooled_and_closed_ones_replaced() {
 type H2Send = hyper::client::conn::http2::SendRequest<http_body_util::Full<Bytes>>;
 
 /// A backend, the gateway in front of it and one HTTP/2 connection to it.
-async fn h2_gateway() -> (Backend, Fixture, logon_gate::server::Running, H2Send) {
+async fn h2_gateway() -> (Backend, Fixture, logon_gate::serve::Running, H2Send) {
     let backend = Backend::start().await;
     let f = Fixture::new(&backend.url(), "");
     let gw = f.start().await;
@@ -463,7 +463,7 @@ async fn h2_gateway() -> (Backend, Fixture, logon_gate::server::Running, H2Send)
 }
 
 /// One HTTP/2 connection to the gateway's HTTPS listener.
-async fn h2_connect(f: &Fixture, gw: &logon_gate::server::Running) -> H2Send {
+async fn h2_connect(f: &Fixture, gw: &logon_gate::serve::Running) -> H2Send {
     let https = gw.https.expect("https");
     let Client::H2(send) = https_client(https, &f.pki.ca_der(), "webmail.example.net", true).await
     else {
@@ -497,7 +497,7 @@ fn h2_get(
 async fn queueing_gateway(
     after: usize,
     wait: &str,
-) -> (Backend, Fixture, logon_gate::server::Running) {
+) -> (Backend, Fixture, logon_gate::serve::Running) {
     let backend = Backend::start().await;
     let f = Fixture::new(&backend.url(), "");
     let text = std::fs::read_to_string(f.gateway_toml())
@@ -514,7 +514,7 @@ async fn queueing_gateway(
 }
 
 /// Whether, within 5 s, exactly `want` requests wait in the gateway's backend queue.
-async fn queued_now(gw: &logon_gate::server::Running, want: usize) -> bool {
+async fn queued_now(gw: &logon_gate::serve::Running, want: usize) -> bool {
     let upstream = gw.gateway.snapshot().upstream.clone();
     eventually(std::time::Duration::from_secs(5), || {
         let n = upstream.queued();

@@ -421,7 +421,7 @@ async fn content_length_with_transfer_encoding_is_refused_and_not_forwarded() {
 
 /// A raw h2 client (the only kind that can send RST_STREAM at will) and its connection task.
 async fn raw_h2(
-    gw: &logon_gate::server::Running,
+    gw: &logon_gate::serve::Running,
     f: &Fixture,
 ) -> (
     h2::client::SendRequest<Bytes>,

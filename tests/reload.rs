@@ -11,7 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use http::StatusCode;
-use logon_gate::server::Running;
+use logon_gate::serve::Running;
 use support::*;
 use tokio_tungstenite::tungstenite::Message;
 

@@ -12,7 +12,7 @@ use support::peers::{Peer, curl, h2_request};
 use support::*;
 
 /// The gateway in front of `backend`, and the test CA's PEM file for the clients.
-async fn gateway(backend: &str) -> (Fixture, logon_gate::server::Running, PathBuf, u16) {
+async fn gateway(backend: &str) -> (Fixture, logon_gate::serve::Running, PathBuf, u16) {
     let f = Fixture::new(backend, "");
     let ca = f.path().join("ca.pem");
     std::fs::write(&ca, f.pki.ca_pem()).expect("write CA");

@@ -6,8 +6,8 @@ use std::path::Path;
 
 use super::OpError;
 use super::edit;
-use crate::certs;
-use crate::host::HostName;
+use crate::config::certs;
+use crate::config::host::HostName;
 
 /// Days of validity under which `cert install` warns.
 pub const WARN_DAYS: i64 = 30;
@@ -21,18 +21,15 @@ pub fn install(
     force: bool,
 ) -> Result<Vec<String>, OpError> {
     let host = HostName::from_user(host)
-        .map_err(|e| OpError(format!("`{host}` is not a valid host name: {e}")))?;
-    let read = |p: &Path, what: &str| {
-        std::fs::read(p)
-            .map_err(|e| OpError(format!("cannot read the {what} file {}: {e}", p.display())))
-    };
-    let cert_pem = read(cert, "certificate")?;
-    let key_pem = read(key, "key")?;
-    let provider = crate::server::provider();
+        .map_err(|e| OpError::Refused(format!("`{host}` is not a valid host name: {e}")))?;
+    let read = |p: &Path, what: &'static str| std::fs::read(p).map_err(OpError::io(what, p));
+    let cert_pem = read(cert, "read the certificate file")?;
+    let key_pem = read(key, "read the key file")?;
+    let provider = crate::config::crypto_provider();
     let entry = certs::load_pair(&cert_pem, &key_pem, &provider)
-        .map_err(|e| OpError(format!("{} / {}: {e}", cert.display(), key.display())))?;
+        .map_err(|e| OpError::Refused(format!("{} / {}: {e}", cert.display(), key.display())))?;
     if !entry.covers(host.as_str()) {
-        return Err(OpError(format!(
+        return Err(OpError::Refused(format!(
             "{} does not cover {host} (its names: {})",
             cert.display(),
             entry.names.join(", ")
@@ -45,7 +42,7 @@ pub fn install(
     }
 
     let _lock = edit::lock(config)?;
-    let mut loader = crate::table::Loader::new(provider);
+    let mut loader = crate::config::table::Loader::new(provider);
     let table = edit::load(&mut loader, config)?;
     let dest = table.settings.certs_dir.join(format!("{host}.pem"));
     let new_leaf = entry
@@ -60,7 +57,7 @@ pub fn install(
             .ok()
             .map(|c| c.as_ref().to_vec());
         if old_leaf != new_leaf && !force {
-            return Err(OpError(format!(
+            return Err(OpError::Refused(format!(
                 "{} already holds a different valid certificate for {host} (expires in {} days); use --force to replace it",
                 dest.display(),
                 existing.days_left()

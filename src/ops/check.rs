@@ -4,11 +4,11 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use crate::config::ConfigError;
-use crate::table::{Loader, Table};
+use crate::config::table::{Loader, Table};
 
 /// Validates the configuration at `path` and returns the table, or every error found.
 pub fn check(path: &Path) -> Result<Table, Vec<ConfigError>> {
-    Loader::new(crate::server::provider()).load(path)
+    Loader::new(crate::config::crypto_provider()).load(path)
 }
 
 /// The short summary `check` prints for a valid configuration.

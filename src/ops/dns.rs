@@ -10,7 +10,7 @@ use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::proto::rr::{RData, RecordType};
 use hickory_resolver::{Resolver, TokioResolver};
 
-use crate::host::HostName;
+use crate::config::host::HostName;
 
 /// Longest CNAME chain followed before giving up.
 const MAX_HOPS: usize = 8;

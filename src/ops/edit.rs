@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use toml_edit::{DocumentMut, Item, Value};
 
 use super::OpError;
-use crate::table::{Loader, Table};
+use crate::config::table::{Loader, Table};
 
 /// The lock file, beside gateway.toml; its leading dot keeps it out of the loader's sight.
 const LOCK_FILE: &str = ".logon-gate.lock";
@@ -29,9 +29,8 @@ pub fn lock(config: &Path) -> Result<ConfigLock, OpError> {
         .truncate(false)
         .write(true)
         .open(&path)
-        .map_err(|e| OpError(format!("cannot open the lock file {}: {e}", path.display())))?;
-    file.lock()
-        .map_err(|e| OpError(format!("cannot lock {}: {e}", path.display())))?;
+        .map_err(OpError::io("open the lock file", &path))?;
+    file.lock().map_err(OpError::io("lock", &path))?;
     Ok(ConfigLock { _file: file })
 }
 
@@ -39,9 +38,8 @@ pub fn lock(config: &Path) -> Result<ConfigLock, OpError> {
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), OpError> {
     let dir = path
         .parent()
-        .ok_or_else(|| OpError(format!("{} has no folder", path.display())))?;
-    let fail =
-        |what: &str, e: std::io::Error| OpError(format!("cannot {what} {}: {e}", path.display()));
+        .ok_or_else(|| OpError::Refused(format!("{} has no folder", path.display())))?;
+    let fail = |what: &'static str, e: std::io::Error| OpError::io(what, path)(e);
     let mut tmp = tempfile::Builder::new()
         .prefix(".logon-gate-")
         .tempfile_in(dir)
@@ -71,7 +69,7 @@ fn set_mode(_: &File, _: u32) -> std::io::Result<()> {
 /// Loads the current configuration; an invalid one stops the command.
 pub fn load(loader: &mut Loader, config: &Path) -> Result<Table, OpError> {
     loader.load(config).map_err(|errors| {
-        OpError(format!(
+        OpError::Refused(format!(
             "the configuration is invalid ({} error{}; first: {}); run `logon-gate check` and fix it first",
             errors.len(),
             if errors.len() == 1 { "" } else { "s" },
@@ -88,12 +86,12 @@ where
     F: FnOnce(&Table) -> Result<(PathBuf, String, String), OpError>,
 {
     let _lock = lock(config)?;
-    let mut loader = Loader::new(crate::server::provider());
+    let mut loader = Loader::new(crate::config::crypto_provider());
     let table = load(&mut loader, config)?;
     let (path, text, message) = change(&table)?;
     let overrides = HashMap::from([(path.clone(), text.clone())]);
     if let Err(errors) = loader.load_with(config, &overrides) {
-        return Err(OpError(format!(
+        return Err(OpError::Refused(format!(
             "refused: the change would make the configuration invalid: {}",
             errors[0]
         )));
@@ -104,10 +102,9 @@ where
 
 /// Parses a tenant file for editing.
 pub fn parse_doc(path: &Path) -> Result<DocumentMut, OpError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| OpError(format!("cannot read {}: {e}", path.display())))?;
+    let text = std::fs::read_to_string(path).map_err(OpError::io("read", path))?;
     text.parse::<DocumentMut>()
-        .map_err(|e| OpError(format!("{}: {}", path.display(), e.message())))
+        .map_err(|e| OpError::Refused(format!("{}: {}", path.display(), e.message())))
 }
 
 /// Sets `key` in `table`, keeping the old value's surrounding spaces and trailing comment.

@@ -9,12 +9,13 @@ use toml_edit::{ArrayOfTables, DocumentMut, Item, Table as TomlTable, value};
 
 use super::OpError;
 use super::edit::{self, edit_tenant_file, parse_doc, set};
+use crate::config::host::HostName;
+use crate::config::table::{Route, Table, Tenant};
 use crate::config::{CnameState, Edition, IcpState};
-use crate::host::HostName;
-use crate::table::{Route, Table, Tenant};
 
 fn host_arg(raw: &str) -> Result<HostName, OpError> {
-    HostName::from_user(raw).map_err(|e| OpError(format!("`{raw}` is not a valid host name: {e}")))
+    HostName::from_user(raw)
+        .map_err(|e| OpError::Refused(format!("`{raw}` is not a valid host name: {e}")))
 }
 
 fn tenant_of<'t>(table: &'t Table, domain: &HostName) -> Result<&'t Tenant, OpError> {
@@ -24,7 +25,7 @@ fn tenant_of<'t>(table: &'t Table, domain: &HostName) -> Result<&'t Tenant, OpEr
         .find(|t| t.domain == *domain)
         .map(|t| &**t)
         .ok_or_else(|| {
-            OpError(format!(
+            OpError::Refused(format!(
                 "there is no tenant {domain}; create it with `logon-gate tenant add {domain} --edition standard`"
             ))
         })
@@ -34,10 +35,10 @@ fn tenant_of<'t>(table: &'t Table, domain: &HostName) -> Result<&'t Tenant, OpEr
 fn owner_of<'t>(table: &'t Table, host: &HostName) -> Result<&'t Tenant, OpError> {
     match table.route(host.as_str()) {
         Some(Route::Logon { tenant, .. }) => Ok(tenant),
-        Some(Route::Platform) => Err(OpError(format!(
+        Some(Route::Platform) => Err(OpError::Refused(format!(
             "{host} is a platform host, not a tenant's logon address"
         ))),
-        None => Err(OpError(format!(
+        None => Err(OpError::Refused(format!(
             "{host} is not a logon address of any tenant; add it with `logon-gate domain add DOMAIN {host}`"
         ))),
     }
@@ -56,7 +57,7 @@ fn logon_entry<'d>(
                 .find(|t| t.get("host").and_then(Item::as_str) == Some(host.as_str()))
         })
         .ok_or_else(|| {
-            OpError(format!(
+            OpError::Refused(format!(
                 "{} has no [[logon]] entry for {host}",
                 file.display()
             ))
@@ -68,14 +69,17 @@ pub fn tenant_add(config: &Path, domain: &str, edition: Edition) -> Result<Strin
     let domain = host_arg(domain)?;
     edit_tenant_file(config, |table| {
         if let Some(t) = table.tenants.iter().find(|t| t.domain == domain) {
-            return Err(OpError(format!(
+            return Err(OpError::Refused(format!(
                 "tenant {domain} already exists ({})",
                 t.file.display()
             )));
         }
         let path = table.settings.tenants_dir.join(format!("{domain}.toml"));
         if path.exists() {
-            return Err(OpError(format!("{} already exists", path.display())));
+            return Err(OpError::Refused(format!(
+                "{} already exists",
+                path.display()
+            )));
         }
         let text = format!(
             "# Tenant {domain}: its logon addresses follow as [[logon]] entries.\ndomain  = \"{domain}\"\nedition = \"{}\"            # free | standard | enterprise\n",
@@ -97,7 +101,7 @@ pub fn tenant_edition(config: &Path, domain: &str, edition: Edition) -> Result<S
         if edition == Edition::Free
             && let Some(l) = tenant.logons.iter().find(|l| l.enabled)
         {
-            return Err(OpError(format!(
+            return Err(OpError::Refused(format!(
                 "tenant {domain} has the enabled logon address {}; the free edition cannot use custom logon addresses, so disable it first",
                 l.host
             )));
@@ -117,7 +121,7 @@ pub fn domain_add(config: &Path, domain: &str, host: &str) -> Result<String, OpE
     let domain = host_arg(domain)?;
     let host = host_arg(host)?;
     if !host.is_strictly_below(&domain) {
-        return Err(OpError(format!(
+        return Err(OpError::Refused(format!(
             "{host} does not lie below the tenant's domain {domain} (e.g. webmail.{domain})"
         )));
     }
@@ -125,10 +129,10 @@ pub fn domain_add(config: &Path, domain: &str, host: &str) -> Result<String, OpE
         let tenant = tenant_of(table, &domain)?;
         match table.route(host.as_str()) {
             Some(Route::Platform) => {
-                return Err(OpError(format!("{host} is a platform host")));
+                return Err(OpError::Refused(format!("{host} is a platform host")));
             }
             Some(Route::Logon { tenant: other, .. }) => {
-                return Err(OpError(format!(
+                return Err(OpError::Refused(format!(
                     "{host} already belongs to tenant {}",
                     other.domain
                 )));
@@ -145,7 +149,7 @@ pub fn domain_add(config: &Path, domain: &str, host: &str) -> Result<String, OpE
             Some(item) => item
                 .as_array_of_tables_mut()
                 .ok_or_else(|| {
-                    OpError(format!(
+                    OpError::Refused(format!(
                         "{}: `logon` is not a list of [[logon]] tables",
                         tenant.file.display()
                     ))
@@ -189,7 +193,7 @@ pub async fn domain_verify(
 ) -> Result<String, OpError> {
     let host = host_arg(host)?;
     let target = {
-        let mut loader = crate::table::Loader::new(crate::server::provider());
+        let mut loader = crate::config::table::Loader::new(crate::config::crypto_provider());
         let table = edit::load(&mut loader, config)?;
         owner_of(&table, &host)?;
         table.settings.cname_target.clone()
@@ -197,7 +201,7 @@ pub async fn domain_verify(
     let verdict = super::dns::verify(&host, &target, nameserver).await;
     let said = verdict.describe(&host, &target);
     if !matches!(verdict, super::dns::Verdict::Reached(_)) {
-        return Err(OpError(format!("not verified: {said}")));
+        return Err(OpError::Refused(format!("not verified: {said}")));
     }
     edit_logon(config, &host, |_, tenant, doc| {
         set(logon_entry(doc, &host, &tenant.file)?, "cname", "verified");
@@ -210,7 +214,7 @@ pub fn domain_icp(config: &Path, host: &str, number: &str) -> Result<String, OpE
     let host = host_arg(host)?;
     let number = number.trim();
     if number.is_empty() {
-        return Err(OpError("--number must not be empty".into()));
+        return Err(OpError::Refused("--number must not be empty".into()));
     }
     edit_logon(config, &host, |_, tenant, doc| {
         let e = logon_entry(doc, &host, &tenant.file)?;
@@ -229,20 +233,22 @@ pub fn domain_enable(config: &Path, host: &str) -> Result<String, OpError> {
             .logons
             .iter()
             .find(|l| l.host == host)
-            .ok_or_else(|| OpError(format!("{host} is not an address of {}", tenant.domain)))?;
+            .ok_or_else(|| {
+                OpError::Refused(format!("{host} is not an address of {}", tenant.domain))
+            })?;
         if tenant.edition == Edition::Free {
-            return Err(OpError(format!(
+            return Err(OpError::Refused(format!(
                 "cannot enable {host}: tenant {} is on the free edition, which cannot use custom logon addresses",
                 tenant.domain
             )));
         }
         if logon.cname != CnameState::Verified {
-            return Err(OpError(format!(
+            return Err(OpError::Refused(format!(
                 "cannot enable {host}: its CNAME is not verified (run `logon-gate domain verify {host}`)"
             )));
         }
         if table.settings.require_icp && logon.icp != IcpState::Filed {
-            return Err(OpError(format!(
+            return Err(OpError::Refused(format!(
                 "cannot enable {host}: its ICP filing is not recorded (run `logon-gate domain icp {host} --number N`)"
             )));
         }
@@ -291,7 +297,7 @@ pub fn domain_remove(config: &Path, host: &str) -> Result<String, OpError> {
             .get_mut("logon")
             .and_then(Item::as_array_of_tables_mut)
             .ok_or_else(|| {
-                OpError(format!(
+                OpError::Refused(format!(
                     "{} has no [[logon]] entries",
                     tenant.file.display()
                 ))
@@ -299,7 +305,7 @@ pub fn domain_remove(config: &Path, host: &str) -> Result<String, OpError> {
         let before = arr.len();
         arr.retain(|t| t.get("host").and_then(Item::as_str) != Some(host.as_str()));
         if arr.len() == before {
-            return Err(OpError(format!(
+            return Err(OpError::Refused(format!(
                 "{} has no [[logon]] entry for {host}",
                 tenant.file.display()
             )));
@@ -329,7 +335,7 @@ pub struct Row {
 /// `domain list [DOMAIN]`: the rows, sorted by tenant then host.
 pub fn domain_list(config: &Path, domain: Option<&str>) -> Result<Vec<Row>, OpError> {
     let only = domain.map(host_arg).transpose()?;
-    let mut loader = crate::table::Loader::new(crate::server::provider());
+    let mut loader = crate::config::table::Loader::new(crate::config::crypto_provider());
     let table = edit::load(&mut loader, config)?;
     if let Some(d) = &only {
         tenant_of(&table, d)?;

@@ -337,8 +337,8 @@ certs = "certs"
         self.certs[file].cert_der.clone()
     }
 
-    pub async fn start(&self) -> logon_gate::server::Running {
-        logon_gate::server::start(&self.gateway_toml())
+    pub async fn start(&self) -> logon_gate::serve::Running {
+        logon_gate::serve::start(&self.gateway_toml())
             .await
             .expect("gateway starts")
     }

@@ -9,11 +9,11 @@ use std::sync::Arc;
 use http::HeaderValue;
 use rustls::crypto::CryptoProvider;
 
-use crate::certs::{CertCache, CertEntry};
+use crate::config::certs::{CertCache, CertEntry};
+use crate::config::host::{self, HostName};
 use crate::config::{
     self, CnameState, ConfigError, Edition, IcpState, RawTenant, Settings, Source,
 };
-use crate::host::{self, HostName};
 
 /// A tenant (a mail customer, identified by its mail domain).
 #[derive(Debug)]
@@ -284,7 +284,7 @@ pub fn validate_tenant(
 
 type TenantCacheEntry = (
     u64,
-    Option<crate::certs::Stamp>,
+    Option<crate::config::certs::Stamp>,
     Arc<Result<Arc<Tenant>, Vec<ConfigError>>>,
 );
 
@@ -299,6 +299,11 @@ pub struct Loader {
 
 impl Loader {
     /// A loader with empty caches.
+    /// The crypto provider certificates are loaded with (and served with).
+    pub fn provider(&self) -> Arc<CryptoProvider> {
+        self.provider.clone()
+    }
+
     pub fn new(provider: Arc<CryptoProvider>) -> Self {
         Loader {
             provider,
@@ -359,7 +364,7 @@ impl Loader {
         errors: &mut Vec<ConfigError>,
     ) -> Vec<Arc<Tenant>> {
         let dir = &settings.tenants_dir;
-        let mut files = match crate::certs::list_files(dir) {
+        let mut files = match crate::config::certs::list_files(dir) {
             Ok(f) => f,
             Err(e) => {
                 errors.push(e);
@@ -381,7 +386,7 @@ impl Loader {
             let stamp = if overrides.contains_key(&path) {
                 None
             } else {
-                crate::certs::Stamp::of(&path).map(|(st, _)| st)
+                crate::config::certs::Stamp::of(&path).map(|(st, _)| st)
             };
             if let (Some((hash, Some(old), r)), Some(now)) = (self.tenants.get(&path), stamp)
                 && *old == now
@@ -429,7 +434,7 @@ impl Loader {
                 Ok(t) => tenants.push(t.clone()),
                 Err(e) => errors.extend(e.iter().cloned()),
             }
-            let settled = stamp.filter(crate::certs::Stamp::settled);
+            let settled = stamp.filter(crate::config::certs::Stamp::settled);
             fresh.insert(path, (hash, settled, result));
         }
         self.tenants = fresh;

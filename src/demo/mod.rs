@@ -20,15 +20,15 @@ use crate::pki::Pki;
 const EMBEDDED_TENANTS: [(&str, &str); 3] = [
     (
         "example.net.toml",
-        include_str!("../config/tenants/example.net.toml"),
+        include_str!("../../config/tenants/example.net.toml"),
     ),
     (
         "example.org.toml",
-        include_str!("../config/tenants/example.org.toml"),
+        include_str!("../../config/tenants/example.org.toml"),
     ),
     (
         "example.com.toml",
-        include_str!("../config/tenants/example.com.toml"),
+        include_str!("../../config/tenants/example.com.toml"),
     ),
 ];
 
@@ -51,17 +51,36 @@ pub struct DemoSetup {
 }
 
 /// Writes the demo's gateway.toml and certificates into a temporary folder.
-pub fn prepare(opts: &DemoOptions, backend: SocketAddr) -> Result<DemoSetup, String> {
+/// Why the demo could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error("cannot {what} {}", path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot make the demo certificates")]
+    Pki(#[source] rcgen::Error),
+}
+
+fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> DemoError {
+    let path = path.to_path_buf();
+    move |source| DemoError::Io { what, path, source }
+}
+
+/// Writes the demo's files: tenants, throwaway certificates, gateway.toml.
+pub fn prepare(opts: &DemoOptions, backend: SocketAddr) -> Result<DemoSetup, DemoError> {
     let dir = tempfile::Builder::new()
         .prefix("logon-gate-demo-")
         .tempdir()
-        .map_err(|e| format!("cannot create a temporary folder: {e}"))?;
+        .map_err(io("create a temporary folder in", &std::env::temp_dir()))?;
     let tenants = tenants_dir(&opts.config, dir.path())?;
     let certs = dir.path().join("certs");
-    std::fs::create_dir(&certs).map_err(|e| format!("cannot create {}: {e}", certs.display()))?;
+    std::fs::create_dir(&certs).map_err(io("create", &certs))?;
 
-    let pki =
-        Pki::new("logon-gate demo CA").map_err(|e| format!("cannot make the demo CA: {e}"))?;
+    let pki = Pki::new("logon-gate demo CA").map_err(DemoError::Pki)?;
     let ca_pem = dir.path().join("demo-ca.pem");
     write(&ca_pem, &pki.ca_pem())?;
     // One certificate per SNI so the demo can show selection: exact names, and a wildcard
@@ -73,9 +92,7 @@ pub fn prepare(opts: &DemoOptions, backend: SocketAddr) -> Result<DemoSetup, Str
         ("webmail.example.com.pem", &["webmail.example.com"][..]),
         ("mail.provider.test.pem", &["mail.provider.test"][..]),
     ] {
-        let issued = pki
-            .issue(names)
-            .map_err(|e| format!("cannot make a demo certificate: {e}"))?;
+        let issued = pki.issue(names).map_err(DemoError::Pki)?;
         write(
             &certs.join(file),
             &format!("{}{}", issued.cert_pem, issued.key_pem),
@@ -118,34 +135,34 @@ certs   = "certs"
     })
 }
 
-fn tenants_dir(config: &Path, tmp: &Path) -> Result<PathBuf, String> {
+fn tenants_dir(config: &Path, tmp: &Path) -> Result<PathBuf, DemoError> {
     let shipped = config.parent().map(|p| p.join("tenants"));
     if let Some(dir) = shipped
         && dir.is_dir()
     {
-        return std::path::absolute(&dir).map_err(|e| format!("{}: {e}", dir.display()));
+        return std::path::absolute(&dir).map_err(io("resolve", &dir));
     }
     let dir = tmp.join("tenants");
-    std::fs::create_dir(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    std::fs::create_dir(&dir).map_err(io("create", &dir))?;
     for (name, text) in EMBEDDED_TENANTS {
         write(&dir.join(name), text)?;
     }
     Ok(dir)
 }
 
-fn write(path: &Path, text: &str) -> Result<(), String> {
-    std::fs::write(path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))
+fn write(path: &Path, text: &str) -> Result<(), DemoError> {
+    std::fs::write(path, text).map_err(io("write", path))
 }
 
 #[cfg(unix)]
-fn restrict(path: &Path) -> Result<(), String> {
+fn restrict(path: &Path) -> Result<(), DemoError> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| format!("cannot chmod {}: {e}", path.display()))
+        .map_err(io("chmod", path))
 }
 
 #[cfg(not(unix))]
-fn restrict(_: &Path) -> Result<(), String> {
+fn restrict(_: &Path) -> Result<(), DemoError> {
     Ok(())
 }
 

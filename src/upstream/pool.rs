@@ -35,24 +35,43 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
-use crate::access::Counted;
 use crate::config::Backend;
+use crate::upstream::body::RequestBody;
 
-type Sender = SendRequest<Counted>;
+type Sender = SendRequest<RequestBody>;
 
 /// Why a request could not be sent.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum PoolError {
+    /// No connection could be made within `connect_timeout`.
+    #[error("connecting to {addr} timed out after {after:?}")]
+    ConnectTimeout { addr: String, after: Duration },
     /// No connection could be made.
-    Connect(String),
+    #[error("cannot connect to {addr}")]
+    Connect {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
     /// The connection failed while sending or before the response head.
+    #[error(transparent)]
     Request(hyper::Error),
+}
+
+impl PoolError {
+    /// Whether no connection could be made (rather than one failing).
+    pub fn is_connect(&self) -> bool {
+        matches!(
+            self,
+            PoolError::ConnectTimeout { .. } | PoolError::Connect { .. }
+        )
+    }
 }
 
 /// Pooled connections to one backend, and the count of requests in flight to it.
 pub struct Pool {
     /// Requests between [`Pool::enter`] and their response head (or the end of their tunnel),
-    /// held to `max_in_flight`. Counted here, not in a semaphore of its own: the place rides
+    /// held to `max_in_flight`. RequestBody here, not in a semaphore of its own: the place rides
     /// along in the request's [`Lease`], which holds this pool's `Arc` anyway, and a plain
     /// counter takes two atomic operations per request where tokio's semaphore took six
     /// (its `Arc`, and a mutex on every release), each on a cache line that both serving
@@ -108,7 +127,7 @@ impl Pool {
         Arc::new(Pool {
             in_flight: CachePadded::new(AtomicUsize::new(0)),
             settings: CachePadded::new(Settings {
-                shards: (0..crate::workers::SLOTS)
+                shards: (0..crate::shard::SLOTS)
                     .map(|_| CachePadded::new(Mutex::default()))
                     .collect(),
                 max_in_flight,
@@ -159,9 +178,9 @@ impl Pool {
     /// Takes the request's place in flight, whose pool `Arc` becomes the request's [`Lease`].
     pub fn send(
         entered: InFlight,
-        req: Request<Counted>,
+        req: Request<RequestBody>,
     ) -> impl Future<Output = Result<Response<PoolBody>, PoolError>> + Send + 'static {
-        let shard = crate::workers::slot();
+        let shard = crate::shard::slot();
         let placed = {
             let pool = &entered.pool;
             let mut sh = pool.lock(shard);
@@ -206,7 +225,7 @@ impl Pool {
     async fn sending(
         lease: Lease,
         mut idle: Option<Sender>,
-        mut req: Request<Counted>,
+        mut req: Request<RequestBody>,
     ) -> Result<Response<PoolBody>, PoolError> {
         let shard = lease.shard;
         loop {
@@ -306,7 +325,7 @@ impl Pool {
     /// Requests waiting for a busy connection now (read when scraped: a request that gave up
     /// leaves a closed entry behind until a connection comes back).
     pub fn queued(&self) -> usize {
-        (0..crate::workers::SLOTS)
+        (0..crate::shard::SLOTS)
             .map(|i| {
                 let sh = self.lock(i);
                 sh.waiters.iter().filter(|(_, w)| !w.is_closed()).count()
@@ -335,13 +354,14 @@ impl Pool {
         let addr = self.settings.authority.as_str();
         let tcp = tokio::time::timeout(self.settings.connect_timeout, TcpStream::connect(addr))
             .await
-            .map_err(|_| {
-                PoolError::Connect(format!(
-                    "connecting to {addr} timed out after {:?}",
-                    self.settings.connect_timeout
-                ))
+            .map_err(|_| PoolError::ConnectTimeout {
+                addr: addr.to_owned(),
+                after: self.settings.connect_timeout,
             })?
-            .map_err(|e| PoolError::Connect(format!("cannot connect to {addr}: {e}")))?;
+            .map_err(|source| PoolError::Connect {
+                addr: addr.to_owned(),
+                source,
+            })?;
         let _ = tcp.set_nodelay(true);
         // One plain send(2) per request instead of hyper's writev(2): the head (and a small
         // body) is one buffer anyway, and on loopback writev cost 5% more per call (4.33
@@ -481,7 +501,7 @@ pin_project_lite::pin_project! {
 
 impl<F> Future for Sent<F>
 where
-    F: Future<Output = Result<Response<Incoming>, TrySendError<Request<Counted>>>>,
+    F: Future<Output = Result<Response<Incoming>, TrySendError<Request<RequestBody>>>>,
 {
     type Output = Result<Response<PoolBody>, PoolError>;
 

@@ -11,44 +11,12 @@ use notify::{EventKind, RecursiveMode, Watcher};
 use tokio::sync::{mpsc, watch};
 
 use crate::config::ConfigError;
-use crate::server::{Gateway, snapshot_for};
+use crate::state::{Gateway, snapshot_for};
 
 /// How long the folders must be quiet before a reload starts (editors write in bursts).
 const DEBOUNCE: Duration = Duration::from_millis(100);
 /// A steady stream of changes still reloads at least this often.
 const MAX_DELAY: Duration = Duration::from_millis(1000);
-
-/// The outcome of the last reload, for the admin listener and logs.
-#[derive(Debug, Clone)]
-pub struct ReloadStatus {
-    /// Generation now served.
-    pub generation: u64,
-    /// Whether the last attempt succeeded.
-    pub ok: bool,
-    /// "loaded" or the errors, one per line.
-    pub message: String,
-    /// When the last attempt finished.
-    pub at: SystemTime,
-    /// How long the last attempt took.
-    pub took: Duration,
-    pub succeeded: u64,
-    pub failed: u64,
-}
-
-impl ReloadStatus {
-    /// The status right after start-up.
-    pub fn initial() -> Self {
-        ReloadStatus {
-            generation: 1,
-            ok: true,
-            message: "loaded at start-up".into(),
-            at: SystemTime::now(),
-            took: Duration::ZERO,
-            succeeded: 0,
-            failed: 0,
-        }
-    }
-}
 
 /// Rebuilds the table from disk and publishes it, or keeps the old one. Blocking: call it
 /// from `spawn_blocking`. Returns the generation now served.
@@ -86,7 +54,7 @@ pub fn reload_now(gw: &Gateway) -> Result<u64, Vec<ConfigError>> {
             gw.metrics.generation.set(generation);
             gw.metrics
                 .reloads
-                .get_or_create(&crate::metrics::ResultLabel { result: "ok" })
+                .get_or_create(&crate::telemetry::metrics::ResultLabel { result: "ok" })
                 .inc();
             tracing::info!(
                 generation,
@@ -112,7 +80,7 @@ pub fn reload_now(gw: &Gateway) -> Result<u64, Vec<ConfigError>> {
             status.failed += 1;
             gw.metrics
                 .reloads
-                .get_or_create(&crate::metrics::ResultLabel { result: "error" })
+                .get_or_create(&crate::telemetry::metrics::ResultLabel { result: "error" })
                 .inc();
             Err(errors)
         }
@@ -206,7 +174,7 @@ async fn run(r: Reloader, mut stop: watch::Receiver<bool>) {
     } = r;
     loop {
         tokio::select! {
-            _ = crate::server::stopped(&mut stop) => return,
+            _ = crate::state::stopped(&mut stop) => return,
             got = rx.recv() => if got.is_none() { return },
         }
         // Debounce: wait for a quiet spell, but not forever.

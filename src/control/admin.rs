@@ -14,13 +14,13 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::server::Gateway;
+use crate::state::Gateway;
 
 /// Serves the admin endpoints until `stop`.
 pub async fn run(listener: TcpListener, gw: Arc<Gateway>, mut stop: watch::Receiver<bool>) {
     loop {
         let tcp = tokio::select! {
-            _ = crate::server::stopped(&mut stop) => return,
+            _ = crate::state::stopped(&mut stop) => return,
             r = listener.accept() => match r {
                 Ok((tcp, _)) => tcp,
                 Err(_) => continue,

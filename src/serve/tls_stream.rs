@@ -79,7 +79,7 @@ enum Out<'a> {
 
 /// What one pass of rustls' state machine came to.
 #[derive(Debug, PartialEq)]
-enum Step {
+enum RustlsStep {
     /// Something was done (records read, handshake bytes encoded): go on.
     Again,
     /// The handshake needs more bytes from the peer.
@@ -234,7 +234,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
 
     /// One pass of rustls over the received bytes. Decrypted data goes to `rd` where it fits
     /// and is kept otherwise; `out` says what to encrypt if writing is possible.
-    fn process(&mut self, rd: Option<&mut ReadBuf<'_>>, out: Out<'_>) -> io::Result<Step> {
+    fn process(&mut self, rd: Option<&mut ReadBuf<'_>>, out: Out<'_>) -> io::Result<RustlsStep> {
         let Self {
             conn,
             inb,
@@ -248,7 +248,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
             Err(e) => Err(tls_error(e)),
             Ok(ConnectionState::ReadTraffic(mut t)) => {
                 let mut rd = rd;
-                let mut r = Ok(Step::Again);
+                let mut r = Ok(RustlsStep::Again);
                 while let Some(rec) = t.next_record() {
                     match rec {
                         Ok(rec) => bufs.deliver(rec.payload, rd.as_deref_mut()),
@@ -262,20 +262,20 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
             }
             Ok(ConnectionState::EncodeTlsData(mut e)) => {
                 bufs.encode(&mut e);
-                Ok(Step::Again)
+                Ok(RustlsStep::Again)
             }
             // The encoded bytes stay in `out`, which is sent before anything written after.
             Ok(ConnectionState::TransmitTlsData(t)) => {
                 t.done();
-                Ok(Step::Again)
+                Ok(RustlsStep::Again)
             }
-            Ok(ConnectionState::BlockedHandshake) => Ok(Step::Blocked),
+            Ok(ConnectionState::BlockedHandshake) => Ok(RustlsStep::Blocked),
             Ok(ConnectionState::WriteTraffic(mut w)) => match out {
-                Out::Nothing => Ok(Step::Open),
-                _ => bufs.encrypt(&mut w, out).map(Step::Wrote),
+                Out::Nothing => Ok(RustlsStep::Open),
+                _ => bufs.encrypt(&mut w, out).map(RustlsStep::Wrote),
             },
-            Ok(ConnectionState::PeerClosed) => Ok(Step::PeerClosed),
-            Ok(ConnectionState::Closed) => Ok(Step::Closed),
+            Ok(ConnectionState::PeerClosed) => Ok(RustlsStep::PeerClosed),
+            Ok(ConnectionState::Closed) => Ok(RustlsStep::Closed),
             // Early data is never enabled, and nothing else exists in this rustls.
             Ok(other) => Err(io::Error::other(format!("unexpected TLS state {other:?}"))),
         };
@@ -291,7 +291,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
         // The connection is dead: what was received is no longer of use.
         self.in_len = 0;
         for _ in 0..8 {
-            if !matches!(self.process(None, Out::Nothing), Ok(Step::Again)) {
+            if !matches!(self.process(None, Out::Nothing), Ok(RustlsStep::Again)) {
                 break;
             }
         }
@@ -370,9 +370,9 @@ pub async fn handshake<IO: AsyncRead + AsyncWrite + Unpin>(
             }
         };
         match step {
-            Step::Again => {}
-            Step::Open if !s.conn.is_handshaking() => break,
-            Step::Blocked | Step::Open => {
+            RustlsStep::Again => {}
+            RustlsStep::Open if !s.conn.is_handshaking() => break,
+            RustlsStep::Blocked | RustlsStep::Open => {
                 poll_fn(|cx| s.poll_send(cx)).await?;
                 if poll_fn(|cx| s.poll_fill(cx)).await? == 0 {
                     return Err(io::Error::new(
@@ -381,7 +381,7 @@ pub async fn handshake<IO: AsyncRead + AsyncWrite + Unpin>(
                     ));
                 }
             }
-            Step::PeerClosed | Step::Closed | Step::Wrote(_) => {
+            RustlsStep::PeerClosed | RustlsStep::Closed | RustlsStep::Wrote(_) => {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
                     "peer closed the connection during the TLS handshake",
@@ -417,13 +417,13 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsStream<IO> {
             }
             match this.process(Some(buf), Out::Nothing) {
                 Err(e) => return Poll::Ready(Err(this.fail(cx, e))),
-                Ok(Step::Again) => {
+                Ok(RustlsStep::Again) => {
                     if buf.filled().len() > start || this.bufs.plain_pos < this.bufs.plain.len() {
                         return Poll::Ready(Ok(()));
                     }
                 }
-                Ok(Step::PeerClosed | Step::Closed) => this.read_closed = true,
-                Ok(Step::Blocked | Step::Open | Step::Wrote(_)) => {
+                Ok(RustlsStep::PeerClosed | RustlsStep::Closed) => this.read_closed = true,
+                Ok(RustlsStep::Blocked | RustlsStep::Open | RustlsStep::Wrote(_)) => {
                     // A peer that ends the stream without close_notify ends it all the same:
                     // HTTP's own framing tells a cut-off message.
                     if ready!(this.poll_fill(cx))? == 0 {
@@ -460,17 +460,19 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsStream<IO> {
         this.deferred = false;
         loop {
             match this.process(None, Out::Data(data)) {
-                Ok(Step::Wrote(n)) => {
+                Ok(RustlsStep::Wrote(n)) => {
                     // Sent now if the socket takes it, else by the next write or flush.
                     if let Poll::Ready(Err(e)) = this.poll_send(cx) {
                         return Poll::Ready(Err(e));
                     }
                     return Poll::Ready(Ok(n));
                 }
-                Ok(Step::Again) => {}
-                Ok(Step::PeerClosed) => this.read_closed = true,
-                Ok(Step::Closed) => return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
-                Ok(Step::Blocked | Step::Open) => {
+                Ok(RustlsStep::Again) => {}
+                Ok(RustlsStep::PeerClosed) => this.read_closed = true,
+                Ok(RustlsStep::Closed) => {
+                    return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+                }
+                Ok(RustlsStep::Blocked | RustlsStep::Open) => {
                     return Poll::Ready(Err(io::Error::other("TLS handshake not complete")));
                 }
                 Err(e) => return Poll::Ready(Err(this.fail(cx, e))),
@@ -491,8 +493,8 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsStream<IO> {
             this.write_closed = true;
             for _ in 0..8 {
                 match this.process(None, Out::CloseNotify) {
-                    Ok(Step::Again) => {}
-                    Ok(Step::PeerClosed) => this.read_closed = true,
+                    Ok(RustlsStep::Again) => {}
+                    Ok(RustlsStep::PeerClosed) => this.read_closed = true,
                     // Wrote: queued; Closed: already sent; an error: close the socket anyway.
                     _ => break,
                 }

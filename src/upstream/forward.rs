@@ -16,19 +16,22 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::time::{Instant, Sleep};
 
-use crate::access::Counted;
 use crate::config::{Backend, Limits};
-use crate::pool::{InFlight, Pool, PoolBody, PoolError};
+use crate::upstream::body::RequestBody;
+use crate::upstream::pool::{InFlight, Pool, PoolBody, PoolError};
 
-/// Why a request could not be forwarded.
+/// Why a request could not be forwarded. [`ForwardError::chain`] says it with its causes.
 #[derive(Debug, thiserror::Error)]
 pub enum ForwardError {
-    #[error("backend unreachable: {0}")]
-    Unreachable(String),
+    #[error("backend unreachable")]
+    Unreachable(#[source] PoolError),
     #[error("backend did not answer within {0:?}")]
     Timeout(Duration),
-    #[error("backend failed: {0}")]
-    Failed(String),
+    #[error("backend failed")]
+    Failed(#[source] PoolError),
+    /// The backend's base path and the request's path make no valid URI.
+    #[error("backend failed")]
+    Uri(#[from] http::uri::InvalidUri),
     #[error("too many requests in flight to the backend")]
     Busy,
 }
@@ -38,10 +41,17 @@ impl ForwardError {
     /// own in-flight limit is reached.
     pub fn status(&self) -> StatusCode {
         match self {
-            ForwardError::Unreachable(_) | ForwardError::Failed(_) => StatusCode::BAD_GATEWAY,
+            ForwardError::Unreachable(_) | ForwardError::Failed(_) | ForwardError::Uri(_) => {
+                StatusCode::BAD_GATEWAY
+            }
             ForwardError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ForwardError::Busy => StatusCode::SERVICE_UNAVAILABLE,
         }
+    }
+
+    /// The error and its causes, each after a colon.
+    pub fn chain(&self) -> String {
+        crate::error::sentence(self)
     }
 
     /// A bounded label for logs and metrics.
@@ -49,7 +59,7 @@ impl ForwardError {
         match self {
             ForwardError::Unreachable(_) => "connect",
             ForwardError::Timeout(_) => "timeout",
-            ForwardError::Failed(_) => "failed",
+            ForwardError::Failed(_) | ForwardError::Uri(_) => "failed",
             ForwardError::Busy => "busy",
         }
     }
@@ -113,7 +123,7 @@ impl Upstream {
     /// hundreds of requests before, when the stream starts (benches/load/README.md).
     pub fn forward(
         &self,
-        mut req: Request<Counted>,
+        mut req: Request<RequestBody>,
         client: ClientSide<'_>,
     ) -> impl Future<Output = Result<Response<PoolBody>, ForwardError>> + Send + use<> {
         match self.prepare(&mut req, client) {
@@ -133,7 +143,7 @@ impl Upstream {
     /// move, and it already moves several times on its way to the backend.
     fn prepare(
         &self,
-        req: &mut Request<Counted>,
+        req: &mut Request<RequestBody>,
         client: ClientSide<'_>,
     ) -> Result<(InFlight, Option<OnUpgrade>), ForwardError> {
         let entered = self.pool.enter().ok_or(ForwardError::Busy)?;
@@ -156,8 +166,7 @@ impl Upstream {
                 .map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone())));
         }
         let pq = original.path_and_query().map_or("/", |pq| pq.as_str());
-        Uri::try_from(format!("{}{}", self.backend.base_path, pq))
-            .map_err(|e| ForwardError::Failed(e.to_string()))
+        Uri::try_from(format!("{}{}", self.backend.base_path, pq)).map_err(ForwardError::Uri)
     }
 }
 
@@ -198,10 +207,8 @@ where
             }
         };
         let mut resp = match sent {
-            Err(PoolError::Connect(e)) => return Poll::Ready(Err(ForwardError::Unreachable(e))),
-            Err(PoolError::Request(e)) => {
-                return Poll::Ready(Err(ForwardError::Failed(error_chain(&e))));
-            }
+            Err(e) if e.is_connect() => return Poll::Ready(Err(ForwardError::Unreachable(e))),
+            Err(e) => return Poll::Ready(Err(ForwardError::Failed(e))),
             Ok(r) => r,
         };
         // The request's place in flight (in the pool's lease until now) ends here, or is held
@@ -248,7 +255,7 @@ struct ResponseTimer(Option<Pin<Box<Sleep>>>);
 
 impl ResponseTimer {
     fn until(deadline: Instant) -> ResponseTimer {
-        let spare = crate::workers::shard()
+        let spare = crate::shard::shard()
             .ne(&0)
             .then(|| SPARE_TIMERS.with(|s| s.borrow_mut().pop()))
             .flatten();
@@ -276,7 +283,7 @@ impl Drop for ResponseTimer {
         let Some(mut sleep) = self.0.take() else {
             return;
         };
-        if crate::workers::shard() == 0 {
+        if crate::shard::shard() == 0 {
             return;
         }
         // Swap the request's waker for one that does nothing: kept, it would hold on to the
@@ -290,17 +297,6 @@ impl Drop for ResponseTimer {
             }
         });
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(inner) = cur {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        cur = inner.source();
-    }
-    s
 }
 
 /// The `Upgrade` protocol when the request asks for one (`Connection: upgrade` + `Upgrade`).
@@ -652,13 +648,16 @@ mod tests {
     #[test]
     fn every_error_label_is_a_known_series() {
         for e in [
-            ForwardError::Unreachable(String::new()),
+            ForwardError::Unreachable(PoolError::ConnectTimeout {
+                addr: String::new(),
+                after: Duration::ZERO,
+            }),
             ForwardError::Timeout(Duration::ZERO),
-            ForwardError::Failed(String::new()),
+            ForwardError::Uri(http::Uri::try_from("a b").expect_err("invalid")),
             ForwardError::Busy,
         ] {
             assert!(
-                crate::metrics::UPSTREAM_ERROR_KINDS.contains(&e.label()),
+                crate::telemetry::metrics::UPSTREAM_ERROR_KINDS.contains(&e.label()),
                 "{e}"
             );
         }

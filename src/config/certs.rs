@@ -16,7 +16,7 @@ use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::config::ConfigError;
-use crate::host;
+use crate::config::host;
 
 /// A certificate chain with its matching key, ready to serve.
 #[derive(Debug)]

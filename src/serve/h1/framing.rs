@@ -23,119 +23,18 @@ use std::future::Future;
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, Waker};
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
+use crate::proxy::progress::ConnProgress;
+
 /// hyper's default cap on request header lines; a head with more is an error to both of us.
 const MAX_HEADERS: usize = 100;
-
-/// What the watch and the handler share for one connection: which request (1-based, in
-/// arrival order) had both framing headers, and how many requests the handler has begun and
-/// finished (response sent or abandoned).
-#[derive(Debug)]
-pub struct Progress {
-    flagged: AtomicU64,
-    begun: AtomicU64,
-    finished: AtomicU64,
-    /// The connection's reader, parked while a response is under way: woken when it is done
-    /// so the idle timer starts then, not at the next byte.
-    reader: Mutex<Option<Waker>>,
-    /// Counts idle periods; `idle` says whether the latest is still going on (no byte since).
-    idle_epoch: AtomicU64,
-    idle: AtomicBool,
-    /// Told when an idle period begins (see `park`).
-    idle_began: tokio::sync::Notify,
-    /// Set while `park` takes the connection from hyper: shutdown must not close it then.
-    parking: AtomicBool,
-    /// Set when a response switched protocols: the stream is a tunnel from then on, with no
-    /// requests to frame and no HTTP timeouts.
-    tunnel: AtomicBool,
-}
-
-impl Default for Progress {
-    fn default() -> Self {
-        Progress {
-            flagged: AtomicU64::new(u64::MAX),
-            begun: AtomicU64::new(0),
-            finished: AtomicU64::new(0),
-            reader: Mutex::new(None),
-            idle_epoch: AtomicU64::new(0),
-            idle: AtomicBool::new(false),
-            idle_began: tokio::sync::Notify::new(),
-            parking: AtomicBool::new(false),
-            tunnel: AtomicBool::new(false),
-        }
-    }
-}
-
-impl Progress {
-    /// Called once per HTTP/1.x request as the handler starts it: true when this request's
-    /// head carried both Content-Length and Transfer-Encoding. hyper serves a connection's
-    /// requests one at a time in arrival order, so the handler's count matches the watch's.
-    pub fn begin(&self) -> bool {
-        let n = self.begun.fetch_add(1, Ordering::AcqRel) + 1;
-        n == self.flagged.load(Ordering::Acquire)
-    }
-
-    /// Called once per begun request when its response is done with (sent, or dropped).
-    pub fn finish(&self) {
-        self.finished.fetch_add(1, Ordering::AcqRel);
-        let reader = self.reader.lock().map(|mut r| r.take()).unwrap_or(None);
-        if let Some(w) = reader {
-            w.wake();
-        }
-    }
-
-    /// Parks the reader until the response under way is done.
-    fn wake_on_finish(&self, waker: &Waker) {
-        if let Ok(mut r) = self.reader.lock() {
-            match &mut *r {
-                Some(w) if w.will_wake(waker) => {}
-                slot => *slot = Some(waker.clone()),
-            }
-        }
-    }
-
-    /// Waits until an idle period begins; returns its number.
-    pub async fn idle_began(&self) -> u64 {
-        self.idle_began.notified().await;
-        self.idle_epoch.load(Ordering::Acquire)
-    }
-
-    /// True while idle period `epoch` is still going on: no byte has arrived since it began.
-    pub fn still_idle(&self, epoch: u64) -> bool {
-        self.idle.load(Ordering::Acquire) && self.idle_epoch.load(Ordering::Acquire) == epoch
-    }
-
-    /// Marks the connection as switched to another protocol (a 101 answer).
-    pub fn set_tunnel(&self) {
-        self.tunnel.store(true, Ordering::Release);
-    }
-
-    /// Marks the connection as being taken from hyper (its shutdown then keeps the stream).
-    pub fn set_parking(&self, on: bool) {
-        self.parking.store(on, Ordering::Release);
-    }
-
-    fn idle_begins(&self) {
-        self.idle_epoch.fetch_add(1, Ordering::AcqRel);
-        self.idle.store(true, Ordering::Release);
-        self.idle_began.notify_one();
-    }
-
-    /// Whether a request is still being answered, out of `heads` that have arrived. Counted
-    /// from heads the watch has seen, not requests the handler has begun: hyper reads again
-    /// before it first polls the handler, and that gap is not idle time.
-    fn answering(&self, heads: u64) -> bool {
-        self.finished.load(Ordering::Acquire) < heads
-    }
-}
 
 /// Where the watch is in the byte stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -414,7 +313,7 @@ enum Wait {
 pub struct Watched<S> {
     inner: S,
     framing: Framing,
-    progress: Arc<Progress>,
+    progress: Arc<ConnProgress>,
     timeouts: Timeouts,
     /// What the timer currently stands for; it is re-armed only when that changes.
     armed: Option<Wait>,
@@ -426,7 +325,7 @@ pub struct Watched<S> {
 
 impl<S> Watched<S> {
     /// Watches `inner`, reporting into `progress`.
-    pub fn new(inner: S, max_head: usize, progress: Arc<Progress>, timeouts: Timeouts) -> Self {
+    pub fn new(inner: S, max_head: usize, progress: Arc<ConnProgress>, timeouts: Timeouts) -> Self {
         Watched {
             inner,
             framing: Framing::new(max_head),
@@ -482,7 +381,7 @@ impl<S> Watched<S> {
     /// What the connection is waiting for, when that wait is bounded.
     fn wait(&self) -> Option<Wait> {
         let heads = self.framing.heads;
-        if self.progress.tunnel.load(Ordering::Acquire) {
+        if self.progress.is_tunnel() {
             return None;
         }
         if self.framing.head_in_progress() {
@@ -553,12 +452,12 @@ impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
             Poll::Ready(Ok(())) => {
                 let new = &buf.filled()[before..];
                 if !new.is_empty() {
-                    this.progress.idle.store(false, Ordering::Release);
+                    this.progress.busy();
                 }
                 if this.framing.state != State::Off
                     && let Some(n) = this.framing.feed(new)
                 {
-                    this.progress.flagged.store(n, Ordering::Release);
+                    this.progress.flag(n);
                 }
                 Poll::Ready(Ok(()))
             }
@@ -607,7 +506,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.progress.parking.load(Ordering::Acquire) {
+        if this.progress.is_parking() {
             // hyper is handing the connection back (see `park`), not closing it.
             return Pin::new(&mut this.inner).poll_flush(cx);
         }
@@ -690,8 +589,8 @@ mod tests {
 
     #[test]
     fn verdict_matches_the_request_it_was_raised_for() {
-        let v = Progress::default();
-        v.flagged.store(2, Ordering::Release);
+        let v = ConnProgress::default();
+        v.flag(2);
         assert!(!v.begin());
         assert!(v.begin());
         assert!(!v.begin());

@@ -3,9 +3,9 @@
 
 use http::StatusCode;
 
-use crate::certs::CertEntry;
-use crate::host::{self, HostBuf};
-use crate::table::{Route, Table, Tenant};
+use crate::config::certs::CertEntry;
+use crate::config::host::{self, HostBuf};
+use crate::config::table::{Route, Table, Tenant};
 
 /// What the TLS handshake of this connection established.
 #[derive(Debug, Clone)]
@@ -129,8 +129,8 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
+    use crate::config::table::validate_tenant;
     use crate::config::{self, Source};
-    use crate::table::validate_tenant;
 
     const TENANT: &str = r#"
 domain = "example.net"
@@ -171,8 +171,10 @@ host = "webmail.example.com"
         let (settings, platform) = config::load_gateway(&gw).expect("gateway");
         let platform = platform
             .iter()
-            .map(|h| crate::host::HostName::parse_canonical(h.get_ref()).expect("host"))
-            .chain([crate::host::HostName::parse_canonical("mail.provider.test").expect("host")])
+            .map(|h| crate::config::host::HostName::parse_canonical(h.get_ref()).expect("host"))
+            .chain([
+                crate::config::host::HostName::parse_canonical("mail.provider.test").expect("host"),
+            ])
             .collect();
         let tenant = |file: &str, text: &str| {
             let src = Source {
@@ -183,12 +185,16 @@ host = "webmail.example.com"
             Arc::new(validate_tenant(&src, &raw, true).expect("valid tenant"))
         };
         let pki = crate::pki::Pki::new("test").expect("ca");
-        let provider = crate::server::provider();
+        let provider = crate::config::crypto_provider();
         let load = |names: &[&str]| {
             let i = pki.issue(names).expect("issue");
             Arc::new(
-                crate::certs::load_pair(i.cert_pem.as_bytes(), i.key_pem.as_bytes(), &provider)
-                    .expect("pair"),
+                crate::config::certs::load_pair(
+                    i.cert_pem.as_bytes(),
+                    i.key_pem.as_bytes(),
+                    &provider,
+                )
+                .expect("pair"),
             )
         };
         let exact = load(&["webmail.example.net"]);
@@ -226,7 +232,7 @@ host = "webmail.example.com"
     #[test]
     fn each_row_of_the_policy_table() {
         let f = fixture(true);
-        let mut b = [0; crate::host::MAX_HOST_LEN + 2];
+        let mut b = [0; crate::config::host::MAX_HOST_LEN + 2];
         let exact = Some(("webmail.example.net", &*f.exact));
         let wild = Some(("mail.example.net", &*f.wildcard));
 
@@ -293,7 +299,7 @@ host = "webmail.example.com"
     #[test]
     fn plain_http_is_served_without_a_certificate_or_https_listener() {
         let f = fixture(false);
-        let mut b = [0; crate::host::MAX_HOST_LEN + 2];
+        let mut b = [0; crate::config::host::MAX_HOST_LEN + 2];
         assert_eq!(
             run(&f, None, Some("webmail.example.net"), &mut b).0,
             "forward"
@@ -303,14 +309,14 @@ host = "webmail.example.com"
     #[test]
     fn forward_names_the_tenant_only_for_logon_hosts() {
         let f = fixture(true);
-        let mut b = [0; crate::host::MAX_HOST_LEN + 2];
+        let mut b = [0; crate::config::host::MAX_HOST_LEN + 2];
         let facts = TlsFacts {
             sni: "webmail.example.net",
             cert: &f.exact,
         };
         let d = decide(&f.table, Some(&facts), Some(b"webmail.example.net"), &mut b);
         assert_eq!(d.tenant().map(|t| t.domain.as_str()), Some("example.net"));
-        let mut b = [0; crate::host::MAX_HOST_LEN + 2];
+        let mut b = [0; crate::config::host::MAX_HOST_LEN + 2];
         let d = decide(&f.table, None, Some(b"mail.provider.test"), &mut b);
         assert!(matches!(d, Decision::RedirectHttps { tenant: None, .. }));
     }

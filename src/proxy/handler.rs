@@ -16,13 +16,14 @@ use http::{Request, Response, StatusCode};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 
-use crate::access::{Counted, Logged, Record};
-use crate::certs::CertEntry;
-use crate::forward::{ClientSide, ForwardError};
-use crate::host::{self, HostBuf};
-use crate::policy::{self, Decision, TlsFacts};
-use crate::pool::PoolBody;
-use crate::server::{Gateway, Snapshot};
+use crate::config::certs::CertEntry;
+use crate::config::host::{self, HostBuf};
+use crate::proxy::access::{Logged, Record};
+use crate::proxy::policy::{self, Decision, TlsFacts};
+use crate::state::{Gateway, Snapshot};
+use crate::upstream::body::RequestBody;
+use crate::upstream::pool::PoolBody;
+use crate::upstream::{ClientSide, ForwardError};
 
 /// Response bodies: the backend's, streamed, or one of our short pages.
 pub type Page = Either<PoolBody, Full<Bytes>>;
@@ -43,12 +44,12 @@ pub struct Conn {
     pub abuse: tokio::sync::Notify,
     /// HTTP/1.1 only: which request carried both Content-Length and Transfer-Encoding, and
     /// whether one is being answered (for the idle timeout).
-    pub framing: Arc<crate::framing::Progress>,
+    pub framing: Arc<crate::proxy::progress::ConnProgress>,
     /// The last request forwarded here (see [`Conn::forwarded_before`]).
     last_forward: Mutex<Option<LastForward>>,
     /// Proxy-header parts that depend only on the peer, built once.
     peer_ip: HeaderValue,
-    forwarded: crate::forward::Forwarded,
+    forwarded: crate::upstream::Forwarded,
 }
 
 /// More abandoned requests than this, and more than were answered, cuts the connection off:
@@ -62,7 +63,7 @@ impl Conn {
         peer: SocketAddr,
         tls: Option<(Box<str>, Arc<CertEntry>)>,
     ) -> Self {
-        let (peer_ip, forwarded) = crate::forward::peer_parts(peer);
+        let (peer_ip, forwarded) = crate::upstream::peer_parts(peer);
         Conn {
             gateway,
             peer,
@@ -118,11 +119,6 @@ pub fn handle(
     req: Request<Incoming>,
 ) -> impl Future<Output = Result<Response<Body>, Infallible>> + Send {
     let h1 = req.version() <= http::Version::HTTP_11;
-    // A serving thread busy for a whole slice offers its core here, between HTTP/1.1
-    // requests; not between HTTP/2 streams, which come in batches (workers' module doc).
-    if h1 {
-        crate::workers::checkpoint();
-    }
     let started = Instant::now();
     // Borrowed, not cloned: the forwarding future owns what it needs, and an `Arc` clone
     // would write the count that every serving thread writes, moving its cache line between
@@ -150,7 +146,7 @@ pub fn handle(
         })
     });
 
-    // Counted for every HTTP/1.x request, so the framing watch's request numbers line up.
+    // RequestBody for every HTTP/1.x request, so the framing watch's request numbers line up.
     let ambiguous = h1 && conn.framing.begin();
     let bad_framing = ambiguous || smuggling_shape(&req);
     // A browser sends all of a connection's requests to one host: the next request with the
@@ -185,7 +181,7 @@ pub fn handle(
                 .then(|| req.headers().get(header::CONTENT_LENGTH))
                 .flatten()
                 .and_then(|v| v.to_str().ok()?.trim().parse().ok());
-            let req = req.map(|b| Counted::new(b, bytes_in, h2_length));
+            let req = req.map(|b| RequestBody::new(b, bytes_in, h2_length));
             (Some(snapshot.upstream.forward(req, client)), None)
         }
         Plan::Answer(resp) => (None, Some(resp)),
@@ -248,7 +244,7 @@ where
                 match result {
                     Ok(r) => (r.map(Either::Left), None),
                     Err(e) => {
-                        let page = page(e.status(), &format!("{e}."));
+                        let page = page(e.status(), &format!("{}.", e.chain()));
                         (page, Some(e))
                     }
                 }
@@ -270,7 +266,7 @@ where
         m.request(this.label, status, elapsed);
         if let Some(e) = &upstream_error {
             m.upstream_errors
-                .get_or_create(&crate::metrics::KindLabel { kind: e.label() })
+                .get_or_create(&crate::telemetry::metrics::KindLabel { kind: e.label() })
                 .inc();
         }
         let mut record = this.record.take();
@@ -358,7 +354,7 @@ fn plan(
     let plan = match (decision, authority) {
         (Decision::Forward { tenant, .. }, Ok(Some(authority))) => {
             let tenant = tenant.map(|t| t.header.clone());
-            if let Some(kept) = crate::forward::detached(&authority) {
+            if let Some(kept) = crate::upstream::detached(&authority) {
                 *conn
                     .last_forward
                     .lock()

@@ -42,8 +42,6 @@ use tokio::runtime::Handle;
 use tokio::sync::watch;
 
 thread_local! {
-    /// 1 + this thread's index among the serving threads; 0 on any other thread.
-    static SHARD: Cell<usize> = const { Cell::new(0) };
     /// HTTP/1.1 requests this thread has started, for [`checkpoint`].
     static REQUESTS: Cell<u32> = const { Cell::new(0) };
     /// At the last look: the thread's voluntary context switches (how often it slept), and
@@ -64,7 +62,7 @@ pub const CHECK_EVERY: u32 = 16;
 /// yields the core if the thread has run for [`SLICE`] without sleeping (see the module doc).
 /// Returns whether it yielded.
 pub fn checkpoint() -> bool {
-    if shard() == 0 {
+    if crate::shard::shard() == 0 {
         return false;
     }
     let n = REQUESTS.with(|r| {
@@ -83,7 +81,7 @@ pub fn checkpoint() -> bool {
 /// last look is less than a slice old, so at most one `getrusage` per slice. Returns whether
 /// it yielded.
 pub fn at_park() -> bool {
-    if shard() == 0 {
+    if crate::shard::shard() == 0 {
         return false;
     }
     let now = Instant::now();
@@ -127,20 +125,6 @@ fn slice_over(slept: bool, since: Option<Instant>, now: Instant) -> bool {
     !slept && since.is_some_and(|t| now.saturating_duration_since(t) >= SLICE)
 }
 
-/// Which serving thread this is (1-based), or 0 on any other thread: for per-thread state.
-pub fn shard() -> usize {
-    SHARD.with(Cell::get)
-}
-
-/// Slots of per-thread state kept (the pool's idle lists, the request statistics): serving
-/// threads beyond this share them.
-pub const SLOTS: usize = 64;
-
-/// This thread's slot among [`SLOTS`] (slot 0 for any thread that does not serve).
-pub fn slot() -> usize {
-    shard() % SLOTS
-}
-
 /// The serving threads. They end once [`Workers::finish`] is called (after the graceful
 /// shutdown), or when this is dropped.
 pub struct Workers {
@@ -181,7 +165,7 @@ impl Workers {
             std::thread::Builder::new()
                 .name(format!("logon-gate-{i}"))
                 .spawn(move || {
-                    SHARD.with(|s| s.set(i + 1));
+                    crate::shard::set(i + 1);
                     if let Some(cpu) = cpu
                         && let Err(e) = pin_current_thread(cpu)
                     {
@@ -297,7 +281,7 @@ mod tests {
             let seen = seen_tx.clone();
             let mut hold = hold_rx.clone();
             workers.spawn(async move {
-                let _ = seen.send(shard());
+                let _ = seen.send(crate::shard::shard());
                 let _ = hold.wait_for(|h| *h).await;
             });
         }
@@ -336,7 +320,10 @@ mod tests {
             let seen = seen_tx.clone();
             let mut hold = hold_rx.clone();
             workers.spawn(async move {
-                let _ = seen.send((shard(), allowed_cpus().expect("affinity readable")));
+                let _ = seen.send((
+                    crate::shard::shard(),
+                    allowed_cpus().expect("affinity readable"),
+                ));
                 let _ = hold.wait_for(|h| *h).await;
             });
         }

@@ -2,109 +2,50 @@
 //! and HTTP/2 served by hyper; a connection limit; graceful shutdown that lets in-flight
 //! requests finish within `shutdown_timeout`.
 
+pub mod h1;
+mod h2;
+pub(crate) mod tls;
+mod tls_stream;
+pub(crate) mod workers;
+
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
-use rustls::ServerConfig;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::config::table::{Loader, Table};
 use crate::config::{ConfigError, Limits};
-use crate::forward::Upstream;
-use crate::handler::{self, Conn};
-use crate::streams::StreamExec;
-use crate::table::{Loader, Table};
-use crate::workers::Workers;
-
-/// What requests are served from: the table and the upstream built for it, swapped together
-/// so a request never sees a mix of two configurations.
-pub struct Snapshot {
-    pub table: Table,
-    pub upstream: Arc<Upstream>,
-    /// Increases by one with every successful (re)load; 1 at start-up.
-    pub generation: u64,
-}
-
-/// State shared by every connection.
-pub struct Gateway {
-    pub live: ArcSwap<Snapshot>,
-    /// The rustls config connections start from (built once; survives reloads).
-    pub tls: Arc<ServerConfig>,
-    /// The bound HTTPS port, for redirects.
-    pub https_port: Option<u16>,
-    /// Path of gateway.toml.
-    pub config_path: PathBuf,
-    /// Loader with its caches, for reloads.
-    pub loader: std::sync::Mutex<Loader>,
-    /// Prometheus metrics.
-    pub metrics: crate::metrics::Metrics,
-    /// Outcome of the last reload.
-    pub status: std::sync::Mutex<crate::reload::ReloadStatus>,
-    /// Open client connections, against `limits.max_connections` (which may change on reload).
-    open_connections: Arc<AtomicUsize>,
-    max_connections: AtomicUsize,
-}
-
-/// Holds one connection's place under `max_connections`.
-struct ConnSlot(Arc<AtomicUsize>);
-
-impl Drop for ConnSlot {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-impl Gateway {
-    /// Applies limits that live outside the table (the connection cap) after a reload.
-    pub fn apply_limits(&self, limits: &Limits) {
-        self.max_connections
-            .store(limits.max_connections, Ordering::Relaxed);
-    }
-
-    /// Number of client connections open now.
-    pub fn open_connections(&self) -> usize {
-        self.open_connections.load(Ordering::Relaxed)
-    }
-
-    fn try_slot(&self) -> Option<ConnSlot> {
-        let max = self.max_connections.load(Ordering::Relaxed);
-        let before = self.open_connections.fetch_add(1, Ordering::AcqRel);
-        let slot = ConnSlot(self.open_connections.clone());
-        (before < max).then_some(slot)
-    }
-
-    /// The current snapshot.
-    pub fn snapshot(&self) -> Arc<Snapshot> {
-        self.live.load_full()
-    }
-}
+use crate::proxy::handler::{self, Conn};
+use crate::serve::h2::streams::StreamExec;
+use crate::serve::workers::Workers;
+use crate::state::{Gateway, Snapshot, stopped};
+use crate::upstream::Upstream;
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("invalid configuration:\n{}", .0.iter().map(|e| format!("  {e}")).collect::<Vec<_>>().join("\n"))]
     Config(Vec<ConfigError>),
-    #[error("cannot listen on {addr} ({what}): {source}")]
+    #[error("cannot listen on {addr} ({what})")]
     Bind {
         addr: SocketAddr,
         what: &'static str,
         source: std::io::Error,
     },
-    #[error("TLS setup failed: {0}")]
+    #[error("TLS setup failed")]
     Tls(#[from] rustls::Error),
-    #[error("cannot start the serving threads: {0}")]
-    Threads(std::io::Error),
+    #[error("cannot start the serving threads")]
+    Threads(#[source] std::io::Error),
     #[error("{0}")]
     Environment(String),
 }
@@ -137,16 +78,32 @@ impl Running {
     }
 }
 
-/// The crypto provider everything uses (aws-lc-rs).
-pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
-}
-
 /// Loads the configuration, binds the listeners and starts serving. Returns once the sockets
 /// are bound, so the addresses in `Running` accept connections.
 pub async fn start(config_path: &Path) -> Result<Running, StartError> {
-    let provider = provider();
-    let mut loader = Loader::new(provider.clone());
+    let (table, loader) = load(config_path).await?;
+    let listeners = Listeners::bind(&table).await?;
+    let gateway = shared_state(table, loader, &listeners, config_path)?;
+    let (stop, stop_rx) = watch::channel(false);
+    let (https, http, admin) = (
+        listeners.https_addr,
+        listeners.http_addr,
+        listeners.admin_addr,
+    );
+    let task = spawn(listeners, gateway.clone(), stop_rx)?;
+    Ok(Running {
+        https,
+        http,
+        admin,
+        gateway,
+        stop,
+        task,
+    })
+}
+
+/// Step 1: the configuration, read and validated off the async threads.
+async fn load(config_path: &Path) -> Result<(Table, Loader), StartError> {
+    let mut loader = Loader::new(crate::config::crypto_provider());
     let path = config_path.to_path_buf();
     let (table, loader) = tokio::task::spawn_blocking(move || {
         let t = loader.load(&path);
@@ -158,45 +115,81 @@ pub async fn start(config_path: &Path) -> Result<Running, StartError> {
     for w in &table.warnings {
         tracing::warn!("{w}");
     }
-    let listen = table.settings.listen;
-    let limits = table.settings.limits;
-    let bind = |addr: Option<SocketAddr>, what: &'static str| async move {
-        match addr {
-            None => Ok(None),
-            Some(addr) => TcpListener::bind(addr)
-                .await
-                .map(Some)
-                .map_err(|source| StartError::Bind { addr, what, source }),
-        }
-    };
-    let https = bind(listen.https, "https").await?;
-    let http = bind(listen.http, "http").await?;
-    let admin = bind(listen.admin, "admin").await?;
-    let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
-    let https_addr = https.as_ref().and_then(|l| l.local_addr().ok());
-    let http_addr = http.as_ref().and_then(|l| l.local_addr().ok());
+    Ok((table, loader))
+}
 
+/// Step 2: the bound listeners (before anything is spawned, so a port in use fails start-up).
+struct Listeners {
+    https: Option<TcpListener>,
+    http: Option<TcpListener>,
+    admin: Option<TcpListener>,
+    https_addr: Option<SocketAddr>,
+    http_addr: Option<SocketAddr>,
+    admin_addr: Option<SocketAddr>,
+}
+
+impl Listeners {
+    async fn bind(table: &Table) -> Result<Listeners, StartError> {
+        let listen = table.settings.listen;
+        let bind = |addr: Option<SocketAddr>, what: &'static str| async move {
+            match addr {
+                None => Ok(None),
+                Some(addr) => TcpListener::bind(addr)
+                    .await
+                    .map(Some)
+                    .map_err(|source| StartError::Bind { addr, what, source }),
+            }
+        };
+        let https = bind(listen.https, "https").await?;
+        let http = bind(listen.http, "http").await?;
+        let admin = bind(listen.admin, "admin").await?;
+        let addr = |l: &Option<TcpListener>| l.as_ref().and_then(|l| l.local_addr().ok());
+        Ok(Listeners {
+            https_addr: addr(&https),
+            http_addr: addr(&http),
+            admin_addr: addr(&admin),
+            https,
+            http,
+            admin,
+        })
+    }
+}
+
+/// Step 3: the state every task shares, serving generation 1.
+fn shared_state(
+    table: Table,
+    loader: Loader,
+    listeners: &Listeners,
+    config_path: &Path,
+) -> Result<Arc<Gateway>, StartError> {
+    let limits = table.settings.limits;
     let upstream = Arc::new(Upstream::new(&table.settings.backend, &limits));
-    let metrics = crate::metrics::Metrics::new();
+    let metrics = crate::telemetry::metrics::Metrics::new();
     metrics.generation.set(1);
     metrics.set_certs(&table);
-    let gateway = Arc::new(Gateway {
-        live: ArcSwap::from_pointee(Snapshot {
-            table,
-            upstream,
-            generation: 1,
-        }),
-        tls: crate::tls::base_config(provider)?,
-        https_port: https_addr.map(|a| a.port()),
-        config_path: config_path.to_path_buf(),
-        loader: std::sync::Mutex::new(loader),
+    let snapshot = Snapshot {
+        table,
+        upstream,
+        generation: 1,
+    };
+    let tls = tls::base_config(loader.provider())?;
+    Ok(Arc::new(Gateway::new(
+        snapshot,
+        tls,
+        listeners.https_addr.map(|a| a.port()),
+        config_path.to_path_buf(),
+        loader,
         metrics,
-        status: std::sync::Mutex::new(crate::reload::ReloadStatus::initial()),
-        open_connections: Arc::new(AtomicUsize::new(0)),
-        max_connections: AtomicUsize::new(limits.max_connections),
-    });
+    )))
+}
 
-    let (stop, stop_rx) = watch::channel(false);
+/// Step 4: the serving threads, the accept loops, the admin listener and the reloader; then
+/// step 5, in the returned task: once stopped, the drain.
+fn spawn(
+    listeners: Listeners,
+    gateway: Arc<Gateway>,
+    stop_rx: watch::Receiver<bool>,
+) -> Result<JoinHandle<()>, StartError> {
     let graceful = Arc::new(GracefulShutdown::new());
     let pin = Workers::pin_from_env().map_err(StartError::Environment)?;
     let workers =
@@ -204,7 +197,7 @@ pub async fn start(config_path: &Path) -> Result<Running, StartError> {
     // The accept loops run here, on the main runtime; each connection is then served on the
     // least busy serving thread (see `workers`).
     let mut loops = Vec::new();
-    for (listener, https) in [(https, true), (http, false)] {
+    for (listener, https) in [(listeners.https, true), (listeners.http, false)] {
         let Some(listener) = listener else { continue };
         loops.push(tokio::spawn(accept_loop(
             listener,
@@ -216,61 +209,61 @@ pub async fn start(config_path: &Path) -> Result<Running, StartError> {
         )));
     }
     tracing::info!(
-        https = ?https_addr,
-        http = ?http_addr,
+        https = ?listeners.https_addr,
+        http = ?listeners.http_addr,
         hosts = gateway.snapshot().table.host_count(),
         "logon-gate listening"
     );
-
-    let admin_task =
-        admin.map(|l| tokio::spawn(crate::admin::run(l, gateway.clone(), stop_rx.clone())));
-    let reloader = tokio::spawn(crate::reload::Reloader::new(gateway.clone()).run(stop_rx.clone()));
-    let gw = gateway.clone();
-    let mut stop_wait = stop_rx;
-    let task = tokio::spawn(async move {
-        stopped(&mut stop_wait).await;
-        for l in loops {
-            let _ = l.await;
-        }
-        let _ = reloader.await;
-        if let Some(a) = admin_task {
-            let _ = a.await;
-        }
-        // The accept loops held the other references; they have returned.
-        let Ok(graceful) = Arc::try_unwrap(graceful) else {
-            tracing::error!("connections still being accepted at shutdown");
-            return;
-        };
-        let grace = gw.snapshot().table.settings.limits.shutdown_timeout;
-        tracing::info!(
-            open = graceful.count(),
-            "shutting down; waiting for in-flight requests"
-        );
-        if tokio::time::timeout(grace, graceful.shutdown())
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                ?grace,
-                "shutdown timeout reached; closing remaining connections"
-            );
-        }
-        workers.finish();
+    let admin = listeners.admin.map(|l| {
+        tokio::spawn(crate::control::admin::run(
+            l,
+            gateway.clone(),
+            stop_rx.clone(),
+        ))
     });
-
-    Ok(Running {
-        https: https_addr,
-        http: http_addr,
-        admin: admin_addr,
-        gateway,
-        stop,
-        task,
-    })
+    let reloader =
+        tokio::spawn(crate::control::reload::Reloader::new(gateway.clone()).run(stop_rx.clone()));
+    let mut others = vec![reloader];
+    others.extend(admin);
+    Ok(tokio::spawn(drain(
+        gateway, stop_rx, loops, others, graceful, workers,
+    )))
 }
 
-/// Resolves once a stop was requested (or the sender is gone).
-pub(crate) async fn stopped(rx: &mut watch::Receiver<bool>) {
-    let _ = rx.wait_for(|s| *s).await;
+/// Step 5: after the stop signal, the accept loops and other tasks end, then the requests in
+/// flight get `shutdown_timeout` to finish, then the serving threads end.
+async fn drain(
+    gw: Arc<Gateway>,
+    mut stop: watch::Receiver<bool>,
+    loops: Vec<JoinHandle<()>>,
+    others: Vec<JoinHandle<()>>,
+    graceful: Arc<GracefulShutdown>,
+    workers: Arc<Workers>,
+) {
+    stopped(&mut stop).await;
+    for t in loops.into_iter().chain(others) {
+        let _ = t.await;
+    }
+    // The accept loops held the other references; they have returned.
+    let Ok(graceful) = Arc::try_unwrap(graceful) else {
+        tracing::error!("connections still being accepted at shutdown");
+        return;
+    };
+    let grace = gw.snapshot().table.settings.limits.shutdown_timeout;
+    tracing::info!(
+        open = graceful.count(),
+        "shutting down; waiting for in-flight requests"
+    );
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            ?grace,
+            "shutdown timeout reached; closing remaining connections"
+        );
+    }
+    workers.finish();
 }
 
 async fn accept_loop(
@@ -312,7 +305,7 @@ async fn accept_loop(
             let Ok(tcp) = TcpStream::from_std(tcp) else {
                 return;
             };
-            let label = crate::metrics::ListenerLabel {
+            let label = crate::telemetry::metrics::ListenerLabel {
                 listener: if https { "https" } else { "http" },
             };
             let open = gw.metrics.connections.get_or_create(&label).clone();
@@ -360,7 +353,7 @@ async fn serve_tls(
             // Closed with a lingering read, so frames the client still sends after the
             // GOAWAY do not reset the connection (`linger`).
             let served = serve_http(
-                TokioIo::new(crate::linger::Lingering::new(stream)),
+                TokioIo::new(crate::serve::h2::linger::Lingering::new(stream)),
                 conn,
                 Some(true),
                 watcher,
@@ -369,7 +362,12 @@ async fn serve_tls(
             Box::pin(served)
         } else {
             let io = Box::new(watched(stream, &conn));
-            Box::pin(crate::park::serve(io, conn, watcher, stop.clone()))
+            Box::pin(crate::serve::h1::park::serve(
+                io,
+                conn,
+                watcher,
+                stop.clone(),
+            ))
         }
     };
     served.await;
@@ -381,10 +379,10 @@ async fn handshake(
     peer: SocketAddr,
     gw: &Gateway,
     stop: &mut watch::Receiver<bool>,
-) -> Option<crate::tls::Accepted> {
+) -> Option<crate::serve::tls::Accepted> {
     let limits = gw.snapshot().table.settings.limits;
     let lookup = |sni: &str| gw.snapshot().table.cert_for(sni).cloned();
-    let handshake = crate::tls::accept(tcp, &gw.tls, lookup);
+    let handshake = crate::serve::tls::accept(tcp, &gw.tls, lookup);
     let result = tokio::select! {
         r = tokio::time::timeout(limits.tls_handshake_timeout, handshake) => r,
         // A shutdown abandons handshakes still under way: they carry no request yet and must
@@ -398,7 +396,7 @@ async fn handshake(
     };
     gw.metrics
         .handshakes
-        .get_or_create(&crate::metrics::ResultLabel { result: outcome })
+        .get_or_create(&crate::telemetry::metrics::ResultLabel { result: outcome })
         .inc();
     match result {
         Err(_) => {
@@ -415,20 +413,21 @@ async fn handshake(
 
 /// An HTTP/1.1 stream with its request framing followed and its read timeouts kept (see
 /// `framing`), heads capped where hyper caps them.
-fn watched<S>(io: S, conn: &Conn) -> crate::framing::Watched<S> {
+fn watched<S>(io: S, conn: &Conn) -> crate::serve::h1::framing::Watched<S> {
     let limits = conn.gateway.snapshot().table.settings.limits;
-    let timeouts = crate::framing::Timeouts {
+    let timeouts = crate::serve::h1::framing::Timeouts {
         header: limits.header_read_timeout,
         keepalive: limits.keepalive_timeout,
     };
-    crate::framing::Watched::new(io, h1_max_buf(&limits), conn.framing.clone(), timeouts)
+    crate::serve::h1::framing::Watched::new(
+        io,
+        h1::max_buf(&limits),
+        conn.framing.clone(),
+        timeouts,
+    )
 }
 
 /// hyper's HTTP/1.1 read buffer cap, which is also the largest head it accepts.
-fn h1_max_buf(limits: &Limits) -> usize {
-    limits.max_request_header_bytes.max(8192)
-}
-
 /// TCP keep-alive probes once the connection has been silent for `after`, then every
 /// [`PROBE_EVERY`]; [`PROBES`] unanswered ones close it.
 fn probe_when_silent(tcp: &TcpStream, after: Duration) -> std::io::Result<()> {
@@ -471,7 +470,7 @@ async fn serve_http<IO>(
     let idle_close = h2 == Some(true);
     configure(&mut builder, &limits, !idle_close);
     let svc_conn = conn.clone();
-    let svc = service_fn(move |req| handler::handle(svc_conn.clone(), req));
+    let svc = service_fn(move |req| request(&svc_conn, req));
     let served = builder.serve_connection_with_upgrades(io, svc).into_owned();
     let stopping = async move { stopped(&mut stop).await };
     let run = exec.run(served).closing(
@@ -494,16 +493,24 @@ async fn serve_http<IO>(
     }
 }
 
-/// hyper's settings; `pings`: HTTP/2 keep-alive pings at `keepalive_timeout`.
+/// What hyper calls for each request of `conn`: the proxy's handler. A serving thread busy
+/// for a whole slice offers its core first, between HTTP/1.1 requests; not between HTTP/2
+/// streams, which come in batches (`workers`' module doc).
+pub(crate) fn request(
+    conn: &Arc<Conn>,
+    req: http::Request<hyper::body::Incoming>,
+) -> impl Future<Output = Result<http::Response<handler::Body>, std::convert::Infallible>> + Send + use<>
+{
+    if req.version() <= http::Version::HTTP_11 {
+        workers::checkpoint();
+    }
+    handler::handle(conn.clone(), req)
+}
+
+/// hyper's settings; `pings`: HTTP/2 keep-alive pings at `keepalive_timeout`. HTTP/1.1's are
+/// `h1::settings`, shared with the parking path.
 fn configure(builder: &mut auto::Builder<StreamExec>, limits: &Limits, pings: bool) {
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        // Off: hyper's timer also runs while a connection idles between requests, so it would
-        // close keep-alive connections at the header timeout. `framing::Watched` keeps both.
-        .header_read_timeout(None)
-        .max_buf_size(h1_max_buf(limits))
-        .keep_alive(true);
+    h1::settings!(builder.http1(), h1::max_buf(limits));
     builder
         .http2()
         .timer(TokioTimer::new())
@@ -511,25 +518,4 @@ fn configure(builder: &mut auto::Builder<StreamExec>, limits: &Limits, pings: bo
         .max_header_list_size(limits.max_request_header_bytes.min(u32::MAX as usize) as u32)
         .keep_alive_interval(pings.then_some(limits.keepalive_timeout))
         .keep_alive_timeout(Duration::from_secs(20));
-}
-
-/// Builds the snapshot a table is served from, keeping `previous`'s upstream (and its
-/// connection pool) when the backend settings did not change.
-pub fn snapshot_for(table: Table, previous: Option<&Snapshot>) -> Snapshot {
-    let limits = table.settings.limits;
-    let (upstream, generation) = match previous {
-        Some(p) if p.upstream.fits(&table.settings.backend, &limits) => {
-            (p.upstream.clone(), p.generation + 1)
-        }
-        Some(p) => (
-            Arc::new(Upstream::new(&table.settings.backend, &limits)),
-            p.generation + 1,
-        ),
-        None => (Arc::new(Upstream::new(&table.settings.backend, &limits)), 1),
-    };
-    Snapshot {
-        table,
-        upstream,
-        generation,
-    }
 }

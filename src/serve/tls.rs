@@ -10,9 +10,9 @@ use rustls::server::{ClientHello, ResolvesServerCert, ServerSessionMemoryCache};
 use rustls::sign::CertifiedKey;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::certs::CertEntry;
-use crate::host::{self, HostBuf};
-use crate::tls_stream::TlsStream;
+use crate::config::certs::CertEntry;
+use crate::config::host::{self, HostBuf};
+use crate::serve::tls_stream::TlsStream;
 
 /// Bytes read from the socket at a time while the ClientHello arrives.
 const HELLO_READ: usize = 4096;
@@ -257,7 +257,7 @@ where
     config.cert_resolver = Arc::new(Chosen(Some(entry.key.clone())));
     config.send_tls13_tickets = tickets_for(&received);
     drop(start);
-    let stream = crate::tls_stream::handshake(io, received, Arc::new(config))
+    let stream = crate::serve::tls_stream::handshake(io, received, Arc::new(config))
         .await
         .map_err(HandshakeError::Protocol)?;
     Ok((stream, sni, entry))
@@ -280,7 +280,7 @@ mod tests {
             HandshakeError::Protocol(io::Error::other("x")),
         ] {
             assert!(
-                crate::metrics::HANDSHAKE_RESULTS.contains(&e.label()),
+                crate::telemetry::metrics::HANDSHAKE_RESULTS.contains(&e.label()),
                 "{e}"
             );
         }
@@ -343,9 +343,12 @@ mod tests {
         let pki = crate::pki::Pki::new("tls test CA").expect("CA");
         let leaf = pki.issue(&["tls.test"]).expect("leaf");
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let entry =
-            crate::certs::load_pair(leaf.cert_pem.as_bytes(), leaf.key_pem.as_bytes(), &provider)
-                .expect("pair");
+        let entry = crate::config::certs::load_pair(
+            leaf.cert_pem.as_bytes(),
+            leaf.key_pem.as_bytes(),
+            &provider,
+        )
+        .expect("pair");
         let mut roots = rustls::RootCertStore::empty();
         roots.add(CertificateDer::from(pki.ca_der())).expect("root");
         let store = Arc::new(Counting {

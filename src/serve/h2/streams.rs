@@ -29,9 +29,9 @@ use tokio::time::{Instant, Sleep};
 /// did as a task of its own (the panic hook has reported it by then); catching it here, not
 /// in a wrapper around the future, keeps the future from being copied once more on its way
 /// into the box (hyper's stream futures are about 600 bytes).
-struct Stream(Pin<Box<dyn Future<Output = ()> + Send>>);
+struct StreamTask(Pin<Box<dyn Future<Output = ()> + Send>>);
 
-impl Future for Stream {
+impl Future for StreamTask {
     type Output = ();
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
@@ -44,12 +44,12 @@ impl Future for Stream {
 /// The executor hyper is given: it queues each stream for the [`WithStreams`] that owns it.
 #[derive(Clone, Default)]
 pub struct StreamExec {
-    shared: Arc<Shared>,
+    shared: Arc<StreamInbox>,
 }
 
 #[derive(Default)]
-struct Shared {
-    inbox: Mutex<Vec<Stream>>,
+struct StreamInbox {
+    inbox: Mutex<Vec<StreamTask>>,
     /// The owning task, woken when a stream arrives from outside its poll.
     task: AtomicWaker,
     /// Set while the owning task is polled, until it has drained the inbox for the last time:
@@ -63,7 +63,7 @@ struct Shared {
 /// The connection's waker. h2 wakes it whenever a stream queues a frame; in the owning task's
 /// own poll that is every stream that answers, and waking the task would only poll it again
 /// for what this poll does anyway (see [`WithStreams::poll`]).
-impl std::task::Wake for Shared {
+impl std::task::Wake for StreamInbox {
     fn wake(self: Arc<Self>) {
         self.wake_by_ref();
     }
@@ -81,7 +81,7 @@ where
     F: Future<Output = ()> + Send + 'static,
 {
     fn execute(&self, fut: F) {
-        let stream = Stream(Box::pin(fut));
+        let stream = StreamTask(Box::pin(fut));
         self.shared
             .inbox
             .lock()
@@ -143,7 +143,7 @@ struct IdleClose {
 }
 
 /// What [`Closing::poll`] wants done.
-enum Step {
+enum CloseStep {
     Wait,
     /// Ask the connection to close, then poll it so it starts.
     Close,
@@ -154,24 +154,24 @@ enum Step {
 impl<F> Closing<F> {
     /// Called after the streams were polled: `idle_now` when there are none left, `became_idle`
     /// when that is new in this poll.
-    fn poll(&mut self, cx: &mut Context<'_>, idle_now: bool, became_idle: bool) -> Step {
+    fn poll(&mut self, cx: &mut Context<'_>, idle_now: bool, became_idle: bool) -> CloseStep {
         if let Some(stop) = &mut self.stop
             && stop.as_mut().poll(cx).is_ready()
         {
             self.stop = None;
             if !self.asked {
                 self.asked = true;
-                return Step::Close;
+                return CloseStep::Close;
             }
         }
         match &mut self.idle {
             Some(idle) if idle.expired => idle.poll_grace(cx),
             Some(idle) if !self.asked => {
                 let step = idle.poll(cx, idle_now, became_idle);
-                self.asked = matches!(step, Step::Close);
+                self.asked = matches!(step, CloseStep::Close);
                 step
             }
-            _ => Step::Wait,
+            _ => CloseStep::Wait,
         }
     }
 }
@@ -187,38 +187,38 @@ impl IdleClose {
         }
     }
 
-    /// [`Step::Close`] once the connection has had no stream for `after`.
-    fn poll(&mut self, cx: &mut Context<'_>, idle_now: bool, became_idle: bool) -> Step {
+    /// [`CloseStep::Close`] once the connection has had no stream for `after`.
+    fn poll(&mut self, cx: &mut Context<'_>, idle_now: bool, became_idle: bool) -> CloseStep {
         if !idle_now {
             // Busy: the timer is left as it is (it may wake the task once, for nothing).
             self.since = None;
-            return Step::Wait;
+            return CloseStep::Wait;
         }
         let since = match self.since {
             Some(t) if !became_idle => t,
             _ => *self.since.insert(Instant::now()),
         };
         if self.timer.as_mut().poll(cx).is_pending() {
-            return Step::Wait;
+            return CloseStep::Wait;
         }
         let now = Instant::now();
         if now < since + self.after {
             // Armed for an earlier idle period: wait out this one.
             self.timer.as_mut().reset(since + self.after);
             if self.timer.as_mut().poll(cx).is_pending() {
-                return Step::Wait;
+                return CloseStep::Wait;
             }
         }
         self.expired = true;
         self.timer.as_mut().reset(now + IDLE_CLOSE_GRACE);
-        Step::Close
+        CloseStep::Close
     }
 
-    /// [`Step::GiveUp`] once the close asked for has taken [`IDLE_CLOSE_GRACE`].
-    fn poll_grace(&mut self, cx: &mut Context<'_>) -> Step {
+    /// [`CloseStep::GiveUp`] once the close asked for has taken [`IDLE_CLOSE_GRACE`].
+    fn poll_grace(&mut self, cx: &mut Context<'_>) -> CloseStep {
         match self.timer.as_mut().poll(cx) {
-            Poll::Ready(()) => Step::GiveUp,
-            Poll::Pending => Step::Wait,
+            Poll::Ready(()) => CloseStep::GiveUp,
+            Poll::Pending => CloseStep::Wait,
         }
     }
 }
@@ -226,11 +226,11 @@ impl IdleClose {
 /// A connection with its streams; see [`StreamExec::run`].
 pub struct WithStreams<F: Future> {
     conn: Pin<Box<F>>,
-    /// Wakes this task through [`Shared`], for the connection.
+    /// Wakes this task through [`StreamInbox`], for the connection.
     conn_waker: std::task::Waker,
     done: Option<F::Output>,
     exec: StreamExec,
-    streams: FuturesUnordered<Stream>,
+    streams: FuturesUnordered<StreamTask>,
     closing: Option<Closing<F>>,
 }
 
@@ -323,10 +323,10 @@ impl<F: Future> Future for WithStreams<F> {
                 return Poll::Pending;
             };
             match closing.poll(cx, idle, had_streams && idle) {
-                Step::Wait => return Poll::Pending,
-                Step::GiveUp => return Poll::Ready(None),
+                CloseStep::Wait => return Poll::Pending,
+                CloseStep::GiveUp => return Poll::Ready(None),
                 // Polled again at once: the connection starts its close in its next poll.
-                Step::Close => {
+                CloseStep::Close => {
                     (closing.close)(this.conn.as_mut());
                     poll_conn = true;
                 }

@@ -186,7 +186,7 @@ impl Metrics {
         let d = DECISIONS.iter().position(|d| *d == decision);
         debug_assert!(d.is_some(), "decision {decision} is not in DECISIONS");
         let d = d.unwrap_or(DECISIONS.len() - 1);
-        let shard = &self.requests.shards[crate::workers::slot()];
+        let shard = &self.requests.shards[crate::shard::slot()];
         shard.counts[d][class].fetch_add(1, Ordering::Relaxed);
         let secs = took.as_secs_f64();
         let bucket = DURATION_BOUNDS
@@ -199,9 +199,9 @@ impl Metrics {
     }
 
     /// Sets the per-certificate expiry gauges from a table (old files disappear).
-    pub fn set_certs(&self, table: &crate::table::Table) {
+    pub fn set_certs(&self, table: &crate::config::table::Table) {
         self.cert_expiry.clear();
-        let now = crate::certs::unix_now();
+        let now = crate::config::certs::unix_now();
         for c in &table.certs {
             let file = c
                 .path
@@ -244,7 +244,7 @@ struct RequestStats {
 }
 
 /// One [`ShardStats`] per slot of per-thread state (`workers::SLOTS`).
-type Shards = Arc<[CachePadded<ShardStats>; crate::workers::SLOTS]>;
+type Shards = Arc<[CachePadded<ShardStats>; crate::shard::SLOTS]>;
 
 impl Default for RequestStats {
     fn default() -> Self {

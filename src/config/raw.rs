@@ -253,7 +253,7 @@ pub struct RawLogon {
 pub struct Settings {
     /// Folder of gateway.toml; relative paths resolve against it.
     pub config_dir: PathBuf,
-    pub cname_target: crate::host::HostName,
+    pub cname_target: crate::config::host::HostName,
     pub require_icp: bool,
     pub listen: Listen,
     pub backend: Backend,
@@ -320,13 +320,14 @@ pub fn load_gateway(src: &Source) -> Result<(Settings, Vec<Spanned<String>>), Ve
     let mut errors = Vec::new();
     let config_dir = src.path.parent().map(Path::to_path_buf).unwrap_or_default();
 
-    let cname_target = match crate::host::HostName::parse_canonical(raw.cname_target.get_ref()) {
-        Ok(h) => Some(h),
-        Err(e) => {
-            errors.push(src.error_at(raw.cname_target.span(), format!("cname_target: {e}")));
-            None
-        }
-    };
+    let cname_target =
+        match crate::config::host::HostName::parse_canonical(raw.cname_target.get_ref()) {
+            Ok(h) => Some(h),
+            Err(e) => {
+                errors.push(src.error_at(raw.cname_target.span(), format!("cname_target: {e}")));
+                None
+            }
+        };
 
     let mut addr = |v: &Option<Spanned<String>>, key: &str, default: &str| -> Option<SocketAddr> {
         let (text, span) = match v {

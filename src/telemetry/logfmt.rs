@@ -239,10 +239,10 @@ mod tests {
 /// writes what is left.
 #[derive(Clone)]
 pub struct LogWriter {
-    shared: std::sync::Arc<Shared>,
+    shared: std::sync::Arc<LogBuffer>,
 }
 
-struct Shared {
+struct LogBuffer {
     buf: std::sync::Mutex<Vec<u8>>,
     out: std::sync::Mutex<Box<dyn std::io::Write + Send>>,
     stop: std::sync::atomic::AtomicBool,
@@ -250,14 +250,14 @@ struct Shared {
 
 /// Flushes the last lines when dropped (at the end of `main`).
 pub struct FlushGuard {
-    shared: std::sync::Arc<Shared>,
+    shared: std::sync::Arc<LogBuffer>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 const FLUSH_AT: usize = 64 * 1024;
 const FLUSH_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 
-impl Shared {
+impl LogBuffer {
     fn lock_buf(&self) -> std::sync::MutexGuard<'_, Vec<u8>> {
         self.buf.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -281,7 +281,7 @@ impl Shared {
 impl LogWriter {
     /// Buffered output to `out`, with its flusher thread.
     pub fn new(out: Box<dyn std::io::Write + Send>) -> (LogWriter, FlushGuard) {
-        let shared = std::sync::Arc::new(Shared {
+        let shared = std::sync::Arc::new(LogBuffer {
             buf: std::sync::Mutex::new(Vec::with_capacity(FLUSH_AT * 2)),
             out: std::sync::Mutex::new(out),
             stop: std::sync::atomic::AtomicBool::new(false),

@@ -19,16 +19,16 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::Watcher;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
-use crate::framing::Watched;
-use crate::handler::{self, Conn};
-use crate::server::stopped;
-use crate::tls_stream::TlsStream;
+use crate::proxy::handler::Conn;
+use crate::serve::h1::framing::Watched;
+use crate::serve::tls_stream::TlsStream;
+use crate::state::stopped;
 
 /// How long an HTTP/1.1 connection idles before it is parked. Long enough that a browser's
 /// burst of requests keeps its hyper connection; short next to `keepalive_timeout`.
@@ -36,13 +36,13 @@ pub const PARK_AFTER: Duration = Duration::from_secs(1);
 
 /// Boxed so that moving it between the parked and the served state moves a pointer (a 1.3 KB
 /// stream held by value took room several times over in the future that moves it).
-type Stream = Box<Watched<TlsStream<TcpStream>>>;
+type ParkableIo = Box<Watched<TlsStream<TcpStream>>>;
 
 /// Serves HTTP/1.1 on a TLS connection until it closes, parking it whenever it idles (see the
 /// module doc). `watcher` is held until the end so a graceful shutdown waits for it; `stop`
 /// starts that shutdown here.
 pub async fn serve(
-    mut io: Stream,
+    mut io: ParkableIo,
     conn: Arc<Conn>,
     watcher: Watcher,
     mut stop: watch::Receiver<bool>,
@@ -80,21 +80,18 @@ pub async fn serve(
 /// Runs one hyper connection on `io` until it ends, or until it has idled for [`PARK_AFTER`]:
 /// then returns the stream, with any bytes hyper read but did not use put back.
 async fn serve_until_idle(
-    io: Stream,
+    io: ParkableIo,
     conn: &Arc<Conn>,
     mut stop: watch::Receiver<bool>,
-) -> Option<Stream> {
+) -> Option<ParkableIo> {
     let max_buf = io.max_head();
     let progress = &conn.framing;
     let svc_conn = conn.clone();
-    let svc = service_fn(move |req| handler::handle(svc_conn.clone(), req));
+    let svc = service_fn(move |req| crate::serve::request(&svc_conn, req));
+    let mut builder = http1::Builder::new();
+    super::settings!(&mut builder, max_buf);
     let mut hc = Box::pin(
-        http1::Builder::new()
-            .timer(TokioTimer::new())
-            // Off: `Watched` keeps the header and keep-alive timeouts (see `framing`).
-            .header_read_timeout(None)
-            .max_buf_size(max_buf)
-            .keep_alive(true)
+        builder
             .serve_connection(TokioIo::new(io), svc)
             .with_upgrades(),
     );
