@@ -87,9 +87,11 @@ fn cancelled(conn: &Conn) {
     }
 }
 
-/// A request with both Content-Length and Transfer-Encoding, or disagreeing Content-Lengths:
-/// the shapes of request smuggling (RFC 9112 §6.3), refused rather than repaired. Over
-/// HTTP/1.1 hyper has already removed such a Content-Length; `framing` catches that case.
+/// A request with both Content-Length and Transfer-Encoding, disagreeing Content-Lengths, or
+/// one that is not a number: the shapes of request smuggling (RFC 9112 §6.3, RFC 9110
+/// §8.6), refused rather than repaired. Over HTTP/1.1 hyper has already removed such a
+/// Content-Length, and refused one that is not a number; `framing` catches the first case.
+/// Over HTTP/2, h2 takes an empty value for 0.
 fn smuggling_shape(req: &Request<Incoming>) -> bool {
     let h = req.headers();
     if !h.contains_key(header::CONTENT_LENGTH) {
@@ -104,7 +106,8 @@ fn smuggling_shape(req: &Request<Incoming>) -> bool {
         .flat_map(|v| v.as_bytes().split(|&b| b == b','))
         .map(<[u8]>::trim_ascii);
     let first = values.next();
-    values.any(|v| Some(v) != first)
+    let number = |v: &[u8]| !v.is_empty() && v.iter().all(u8::is_ascii_digit);
+    !first.is_some_and(number) || values.any(|v| Some(v) != first)
 }
 
 /// Serves one request; never fails (errors become pages).
@@ -264,7 +267,7 @@ where
         let elapsed = this.started.elapsed();
         let m = &conn.gateway.metrics;
         m.request(this.label, status, elapsed);
-        if let Some(e) = &upstream_error {
+        if let Some(e) = upstream_error.as_ref().filter(|e| e.is_upstream()) {
             m.upstream_errors
                 .get_or_create(&crate::telemetry::metrics::KindLabel { kind: e.label() })
                 .inc();

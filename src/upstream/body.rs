@@ -17,12 +17,15 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 /// when its DATA run past the length or end short of it; but an HTTP/1.1 backend has the
 /// whole request once it has `content-length` bytes, so the last of them wait here until
 /// the stream's end is seen. A browser sends END_STREAM on its last DATA frame, so nothing
-/// waits in practice.
+/// waits in practice. A declared length of 0 on a stream still open has no bytes to hold:
+/// such a request is sent only once the stream has ended ([`RequestBody::wait_for_end`]).
 pub struct RequestBody {
     inner: Incoming,
     count: Option<Arc<AtomicU64>>,
     /// HTTP/2 with a `content-length` only (boxed: nearly every request has none).
     exact: Option<Box<ExactLength>>,
+    /// HTTP/2, `content-length: 0`, and the stream not yet ended.
+    empty_but_open: bool,
 }
 
 /// The state of an HTTP/2 request body with a declared length.
@@ -48,11 +51,33 @@ impl RequestBody {
                     after: None,
                 })
             });
+        let empty_but_open = h2_length == Some(0) && !inner.is_end_stream();
         RequestBody {
             inner,
             count,
             exact,
+            empty_but_open,
         }
+    }
+
+    /// Whether the request must wait for [`RequestBody::wait_for_end`] before it is sent:
+    /// hyper's HTTP/1.1 client writes a request with `content-length: 0` whole at once, so
+    /// DATA that followed it (a malformed request, RFC 9113 §8.1.1) would come too late.
+    pub fn must_end_first(&self) -> bool {
+        self.empty_but_open
+    }
+
+    /// Reads a body declared empty to its end: the end, trailers and empty DATA frames pass;
+    /// any data (h2 resets the stream over it) is an error.
+    pub async fn wait_for_end(&mut self) -> Result<(), BodyError> {
+        use http_body_util::BodyExt as _;
+        while let Some(frame) = self.inner.frame().await {
+            if frame?.data_ref().is_some_and(|d| !d.is_empty()) {
+                return Err("DATA after content-length: 0 (RFC 9113 §8.1.1)".into());
+            }
+        }
+        self.empty_but_open = false;
+        Ok(())
     }
 }
 
@@ -65,11 +90,15 @@ fn poll_counted(
     count: Option<&AtomicU64>,
     cx: &mut Context<'_>,
 ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-    let polled = Pin::new(inner).poll_frame(cx);
-    if let (Poll::Ready(Some(Ok(frame))), Some(count)) = (&polled, count)
-        && let Some(d) = frame.data_ref()
-    {
-        count.fetch_add(d.len() as u64, Ordering::Relaxed);
+    let mut polled = Pin::new(inner).poll_frame(cx);
+    if let Poll::Ready(Some(Ok(frame))) = &mut polled {
+        if let (Some(d), Some(count)) = (frame.data_ref(), count) {
+            count.fetch_add(d.len() as u64, Ordering::Relaxed);
+        }
+        // An HTTP/1.1 client's trailers lose their hop-by-hop fields (RFC 9110 §7.6.1).
+        if let Some(trailers) = frame.trailers_mut() {
+            super::strip_hop_by_hop(trailers);
+        }
     }
     polled.map_err(BodyError::from)
 }
@@ -86,6 +115,7 @@ impl Body for RequestBody {
             inner,
             count,
             exact,
+            ..
         } = &mut *self;
         let count = count.as_deref();
         let Some(exact) = exact.as_deref_mut() else {
@@ -145,6 +175,16 @@ impl Body for RequestBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.exact {
+            Some(e) => {
+                let held = e
+                    .held
+                    .as_ref()
+                    .and_then(Frame::data_ref)
+                    .map_or(0, |d| d.len());
+                SizeHint::with_exact(e.remaining + held as u64)
+            }
+            None => self.inner.size_hint(),
+        }
     }
 }

@@ -32,6 +32,13 @@ pub enum ForwardError {
     /// The backend's base path and the request's path make no valid URI.
     #[error("backend failed")]
     Uri(#[from] http::uri::InvalidUri),
+    /// The backend's response has a transfer-coding other than `chunked`.
+    #[error("backend failed: a transfer-coding other than chunked")]
+    TransferCoding,
+    /// The client's body broke its framing before the request could be sent whole
+    /// (RFC 9113 §8.1.1); h2 has reset the stream.
+    #[error("the request's body does not match its content-length")]
+    ClientBody(#[source] crate::upstream::body::BodyError),
     #[error("too many requests in flight to the backend")]
     Busy,
 }
@@ -41,12 +48,20 @@ impl ForwardError {
     /// own in-flight limit is reached.
     pub fn status(&self) -> StatusCode {
         match self {
-            ForwardError::Unreachable(_) | ForwardError::Failed(_) | ForwardError::Uri(_) => {
-                StatusCode::BAD_GATEWAY
-            }
+            ForwardError::Unreachable(_)
+            | ForwardError::Failed(_)
+            | ForwardError::Uri(_)
+            | ForwardError::TransferCoding => StatusCode::BAD_GATEWAY,
+            ForwardError::ClientBody(_) => StatusCode::BAD_REQUEST,
             ForwardError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ForwardError::Busy => StatusCode::SERVICE_UNAVAILABLE,
         }
+    }
+
+    /// Whether the backend (or the gateway's side of it) failed, for `upstream_errors`; not
+    /// so for a client whose body broke its framing.
+    pub fn is_upstream(&self) -> bool {
+        !matches!(self, ForwardError::ClientBody(_))
     }
 
     /// The error and its causes, each after a colon.
@@ -59,7 +74,10 @@ impl ForwardError {
         match self {
             ForwardError::Unreachable(_) => "connect",
             ForwardError::Timeout(_) => "timeout",
-            ForwardError::Failed(_) | ForwardError::Uri(_) => "failed",
+            ForwardError::Failed(_) | ForwardError::Uri(_) | ForwardError::TransferCoding => {
+                "failed"
+            }
+            ForwardError::ClientBody(_) => "client_body",
             ForwardError::Busy => "busy",
         }
     }
@@ -126,15 +144,34 @@ impl Upstream {
         mut req: Request<RequestBody>,
         client: ClientSide<'_>,
     ) -> impl Future<Output = Result<Response<PoolBody>, ForwardError>> + Send + use<> {
-        match self.prepare(&mut req, client) {
-            Ok((entered, client_upgrade)) => Either::Right(Sending {
-                sent: Pool::send(entered, req),
-                timeout: self.backend.response_timeout,
-                timer: None,
-                client_upgrade,
-            }),
-            Err(e) => Either::Left(std::future::ready(Err(e))),
+        let (entered, client_upgrade) = match self.prepare(&mut req, client) {
+            Ok(prepared) => prepared,
+            Err(e) => return Either::Left(std::future::ready(Err(e))),
+        };
+        let timeout = self.backend.response_timeout;
+        if req.body().must_end_first() {
+            // Rare (an HTTP/2 request declared empty whose stream is still open), so boxed.
+            return Either::Right(Either::Right(Box::pin(async move {
+                req.body_mut()
+                    .wait_for_end()
+                    .await
+                    .map_err(ForwardError::ClientBody)?;
+                Sending {
+                    sent: Pool::send(entered, req),
+                    timeout,
+                    timer: None,
+                    client_upgrade,
+                }
+                .await
+            })
+                as Pin<Box<dyn Future<Output = _> + Send>>));
         }
+        Either::Right(Either::Left(Sending {
+            sent: Pool::send(entered, req),
+            timeout,
+            timer: None,
+            client_upgrade,
+        }))
     }
 
     /// `forward`'s first half: makes `req` the request the backend gets, and returns a place
@@ -227,6 +264,10 @@ where
                 }
             });
         } else {
+            if let Err(e) = transfer_coding(resp.headers_mut()) {
+                drop(resp.body_mut().detach());
+                return Poll::Ready(Err(e));
+            }
             strip_hop_by_hop(resp.headers_mut());
             resp.body_mut().responded();
         }
@@ -299,7 +340,10 @@ impl Drop for ResponseTimer {
     }
 }
 
-/// The `Upgrade` protocol when the request asks for one (`Connection: upgrade` + `Upgrade`).
+/// The `Upgrade` protocol when the request asks for one (`Connection: upgrade` + `Upgrade`)
+/// that the backend may see: WebSocket only. Any other (h2c above all, RFC 9113 §3.1, which
+/// would turn the connection into a tunnel past the host policy and the proxy headers) is
+/// dropped, and the request forwarded as a plain one.
 fn wants_upgrade(headers: &HeaderMap) -> Option<HeaderValue> {
     let asks = headers
         .get_all(header::CONNECTION)
@@ -307,11 +351,34 @@ fn wants_upgrade(headers: &HeaderMap) -> Option<HeaderValue> {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
-    if asks {
-        headers.get(header::UPGRADE).cloned()
-    } else {
-        None
+    let upgrade = headers.get(header::UPGRADE).filter(|_| asks)?;
+    upgrade
+        .as_bytes()
+        .trim_ascii()
+        .eq_ignore_ascii_case(b"websocket")
+        .then(|| upgrade.clone())
+}
+
+/// A backend response's Transfer-Encoding, which hyper has decoded when it is `chunked`: then
+/// a Content-Length beside it goes (RFC 9112 §6.3: "MUST first remove the received
+/// Content-Length field"); any other coding (`gzip, chunked`) would reach the client
+/// undecoded and unlabelled once Transfer-Encoding, a hop-by-hop field, is stripped, so the
+/// response is refused (502).
+fn transfer_coding(headers: &mut HeaderMap) -> Result<(), ForwardError> {
+    let mut codings = headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.is_empty());
+    let Some(first) = codings.next() else {
+        return Ok(());
+    };
+    if !first.eq_ignore_ascii_case(b"chunked") || codings.next().is_some() {
+        return Err(ForwardError::TransferCoding);
     }
+    headers.remove(header::CONTENT_LENGTH);
+    Ok(())
 }
 
 /// The hop-by-hop headers, and `Upgrade` (re-added by the caller for a real upgrade), in the
@@ -471,6 +538,8 @@ enum Role {
     ForwardedFor,
     /// Joined into one `Cookie` line (RFC 9113 §8.2.3).
     Cookie,
+    /// Kept once: the handler has refused disagreeing values, and h2 lets equal ones repeat.
+    ContentLength,
 }
 
 /// The role of a client header, by one match on the name's text (lengths first, then bytes).
@@ -479,6 +548,7 @@ fn role(name: &HeaderName) -> Role {
         "connection" => Role::Connection,
         "x-forwarded-for" => Role::ForwardedFor,
         "cookie" => Role::Cookie,
+        "content-length" => Role::ContentLength,
         "keep-alive"
         | "proxy-connection"
         | "proxy-authenticate"
@@ -486,6 +556,7 @@ fn role(name: &HeaderName) -> Role {
         | "te"
         | "transfer-encoding"
         | "upgrade"
+        | "http2-settings"
         | "host"
         | "x-forwarded-proto"
         | "x-forwarded-host"
@@ -533,6 +604,11 @@ fn backend_headers(
             Some((_, Role::Connection)) => connection.push(value),
             Some((_, Role::ForwardedFor)) => forwarded_for.push(value),
             Some((_, Role::Cookie)) => cookies.add(value),
+            Some((name, Role::ContentLength)) => {
+                if !headers.contains_key(name) {
+                    headers.insert(name.clone(), value);
+                }
+            }
             Some((_, Role::Drop)) | None => {}
         }
     }
@@ -587,22 +663,29 @@ enum Cookies {
 
 impl Cookies {
     fn add(&mut self, crumb: HeaderValue) {
-        // An empty crumb adds nothing but a stray separator.
-        if crumb.as_bytes().trim_ascii().is_empty() {
+        // Without the spaces and `;` around it: an empty crumb adds nothing, and `a=1;`
+        // then `b=2` make `a=1; b=2`, not `a=1;; b=2`.
+        let bytes = crumb.as_bytes();
+        let mut part = bytes.trim_ascii();
+        while let Some(rest) = part.strip_suffix(b";").or_else(|| part.strip_prefix(b";")) {
+            part = rest.trim_ascii();
+        }
+        if part.is_empty() {
             return;
         }
         match self {
-            Cookies::None => *self = Cookies::One(crumb),
+            Cookies::None if part.len() == bytes.len() => *self = Cookies::One(crumb),
+            Cookies::None => *self = Cookies::Joined(part.to_vec()),
             Cookies::One(first) => {
-                let mut joined = Vec::with_capacity(first.len() + 2 + crumb.len());
+                let mut joined = Vec::with_capacity(first.len() + 2 + part.len());
                 joined.extend_from_slice(first.as_bytes());
                 joined.extend_from_slice(b"; ");
-                joined.extend_from_slice(crumb.as_bytes());
+                joined.extend_from_slice(part);
                 *self = Cookies::Joined(joined);
             }
             Cookies::Joined(joined) => {
                 joined.extend_from_slice(b"; ");
-                joined.extend_from_slice(crumb.as_bytes());
+                joined.extend_from_slice(part);
             }
         }
     }
@@ -654,6 +737,7 @@ mod tests {
             }),
             ForwardError::Timeout(Duration::ZERO),
             ForwardError::Uri(http::Uri::try_from("a b").expect_err("invalid")),
+            ForwardError::TransferCoding,
             ForwardError::Busy,
         ] {
             assert!(
@@ -842,8 +926,10 @@ mod tests {
         // One line (HTTP/1.1, or a client that joined them itself) passes unchanged.
         assert_eq!(cookies(&["a=1; b=2"]), ["a=1; b=2"]);
         assert_eq!(cookies(&["a=1; b=2", "c=3"]), ["a=1; b=2; c=3"]);
-        // Empty crumbs add no stray "; ".
+        // Empty crumbs, and the spaces and `;` around one, add no stray separator.
         assert_eq!(cookies(&["", "a=1", " ", "b=2"]), ["a=1; b=2"]);
+        assert_eq!(cookies(&["a=1;", " b=2 ", ";c=3; "]), ["a=1; b=2; c=3"]);
+        assert_eq!(cookies(&[" a=1; "]), ["a=1"]);
         assert!(cookies(&[]).is_empty());
         assert!(cookies(&[""]).is_empty());
     }

@@ -88,6 +88,22 @@ class Handler(BaseHTTPRequestHandler):
             self.end_headers()
             self.wfile.flush()
             return self.send(200, b"final", [("Content-Type", "text/plain")])
+        if path.startswith("/te-cl"):
+            # Both framings: the client must get the chunked body whole (RFC 9112 §6.3).
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n"
+                             b"Content-Length: 3\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+            return
+        if path.startswith("/te-gzip"):
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+                             b"5\r\nhello\r\n0\r\n\r\n")
+            return
+        if path.startswith("/trailers-hop"):
+            self.send_response_only(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.send_header("Trailer", "X-Checksum, Keep-Alive")
+            self.end_headers()
+            self.wfile.write(b"5\r\nhello\r\n0\r\nX-Checksum: abc123\r\nKeep-Alive: timeout=5\r\n\r\n")
+            return
         if path.startswith("/trailers"):
             self.send_response_only(200)
             self.send_header("Transfer-Encoding", "chunked")

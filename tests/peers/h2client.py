@@ -49,7 +49,7 @@ def main():
         conn.send_data(sid, chunk.encode(), end_stream=last)
         # Each chunk in its own write, so the gateway may see them one by one.
         sock.sendall(conn.data_to_send())
-        time.sleep(0.05)
+        time.sleep(0.2)
     if final_empty:
         conn.send_data(sid, b"", end_stream=True)
     sock.sendall(conn.data_to_send())
