@@ -92,7 +92,7 @@ fn cancelled(conn: &Conn) {
 /// §8.6), refused rather than repaired. Over HTTP/1.1 hyper has already removed such a
 /// Content-Length, and refused one that is not a number; `framing` catches the first case.
 /// Over HTTP/2, h2 takes an empty value for 0.
-fn smuggling_shape(req: &Request<Incoming>) -> bool {
+fn smuggling_shape<B>(req: &Request<B>) -> bool {
     let h = req.headers();
     if !h.contains_key(header::CONTENT_LENGTH) {
         return false;
@@ -383,7 +383,7 @@ fn plan(
 
 /// The request's authority as sent, when it is in one place only (the URI, or a single Host
 /// header): what a connection's last forward is matched against.
-fn sent_authority(req: &Request<Incoming>) -> Option<&[u8]> {
+fn sent_authority<B>(req: &Request<B>) -> Option<&[u8]> {
     let mut hosts = req.headers().get_all(header::HOST).iter();
     match (req.uri().authority(), hosts.next()) {
         (Some(a), None) => Some(a.as_str().as_bytes()),
@@ -394,7 +394,7 @@ fn sent_authority(req: &Request<Incoming>) -> Option<&[u8]> {
 
 /// The request's authority: `:authority`/absolute-form URI if present, else the one `Host`
 /// header. Two Host headers, or a Host that names another host than the URI, is malformed.
-fn authority_of(req: &Request<Incoming>) -> Result<Option<HeaderValue>, ()> {
+fn authority_of<B>(req: &Request<B>) -> Result<Option<HeaderValue>, ()> {
     let mut hosts = req.headers().get_all(header::HOST).iter();
     let host = hosts.next();
     if hosts.next().is_some() {
@@ -474,4 +474,86 @@ fn redirect(gw: &Gateway, host: &str, req: &Request<Incoming>) -> Response<Page>
         resp.headers_mut().insert(header::LOCATION, v);
     }
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(uri: &str, headers: &[(&str, &str)]) -> Request<()> {
+        let mut b = Request::builder().uri(uri);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(()).expect("request")
+    }
+
+    /// RFC 9112 §3.2 and RFC 9113 §8.3.1: the authority is the URI's (absolute form, or
+    /// `:authority`) when there is one, else the one Host; two Hosts, or a Host naming
+    /// another host than the URI, is malformed. The port and case do not count (SPEC §3).
+    #[test]
+    fn authority_comes_from_one_place() {
+        let a = |r: &Request<()>| authority_of(r).map(|a| a.map(|v| v.as_bytes().to_vec()));
+        assert_eq!(
+            a(&req("/", &[("host", "webmail.example.net")])),
+            Ok(Some(b"webmail.example.net".to_vec()))
+        );
+        assert_eq!(a(&req("/", &[])), Ok(None));
+        assert_eq!(
+            a(&req("https://webmail.example.net:8443/x", &[])),
+            Ok(Some(b"webmail.example.net:8443".to_vec()))
+        );
+        assert_eq!(
+            a(&req(
+                "https://webmail.example.net:8443/x",
+                &[("host", "WebMail.example.net")]
+            )),
+            Ok(Some(b"webmail.example.net:8443".to_vec()))
+        );
+        assert_eq!(
+            a(&req(
+                "https://webmail.example.net/",
+                &[("host", "evil.example")]
+            )),
+            Err(())
+        );
+        assert_eq!(
+            a(&req("/", &[("host", "a.example"), ("host", "a.example")])),
+            Err(())
+        );
+        // What a connection's last forward is matched against: one place only.
+        assert_eq!(
+            sent_authority(&req("/", &[("host", "a.example")])),
+            Some(&b"a.example"[..])
+        );
+        assert_eq!(
+            sent_authority(&req("https://a.example/", &[("host", "a.example")])),
+            None
+        );
+    }
+
+    /// RFC 9112 §6.3 and RFC 9110 §8.6: Content-Length with Transfer-Encoding, several
+    /// Content-Lengths that disagree, or one that is not a number.
+    #[test]
+    fn smuggling_shapes() {
+        let shape = |h: &[(&str, &str)]| smuggling_shape(&req("/", h));
+        assert!(!shape(&[]));
+        assert!(!shape(&[("content-length", "5")]));
+        assert!(!shape(&[("transfer-encoding", "chunked")]));
+        assert!(!shape(&[("content-length", "5"), ("content-length", "5")]));
+        assert!(!shape(&[("content-length", "5, 5")]));
+        assert!(shape(&[
+            ("content-length", "5"),
+            ("transfer-encoding", "chunked")
+        ]));
+        assert!(shape(&[
+            ("transfer-encoding", "chunked"),
+            ("content-length", "5")
+        ]));
+        assert!(shape(&[("content-length", "5"), ("content-length", "6")]));
+        assert!(shape(&[("content-length", "5, 6")]));
+        assert!(shape(&[("content-length", "")]));
+        assert!(shape(&[("content-length", "+5")]));
+        assert!(shape(&[("content-length", "0x5")]));
+    }
 }

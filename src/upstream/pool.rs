@@ -622,3 +622,105 @@ impl Body for PoolBody {
         self.inner.size_hint()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The queue for busy connections (`queue_after_busy`, `queue_wait`), on places alone:
+    //! no connection is made, so a grant of a place is what a request would open one with.
+
+    use super::*;
+
+    fn pool(queue_after_busy: usize, queue_wait: Duration) -> Arc<Pool> {
+        let backend = Backend {
+            authority: http::uri::Authority::from_static("127.0.0.1:9"),
+            base_path: String::new(),
+            connect_timeout: Duration::from_secs(1),
+            response_timeout: Duration::from_secs(1),
+            queue_after_busy,
+            queue_wait,
+        };
+        Pool::new(&backend, 1024)
+    }
+
+    fn busy(p: &Pool) -> usize {
+        p.lock(0).busy
+    }
+
+    /// Polls `f` once; true when it finished.
+    fn ready<F: Future + Unpin>(f: &mut F) -> bool {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        Pin::new(f).poll(&mut cx).is_ready()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn below_the_limit_a_place_is_taken_at_once() {
+        let p = pool(2, Duration::from_millis(20));
+        assert!(
+            p.wait_for_place(0).await.is_none(),
+            "no idle connection to reuse"
+        );
+        assert!(p.wait_for_place(0).await.is_none());
+        assert_eq!(busy(&p), 2);
+        assert_eq!(p.queued(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn at_the_limit_requests_wait_and_are_granted_in_arrival_order() {
+        let p = pool(1, Duration::from_secs(10));
+        p.wait_for_place(0).await;
+        let mut first = Box::pin(p.wait_for_place(0));
+        let mut second = Box::pin(p.wait_for_place(0));
+        assert!(!ready(&mut first) && !ready(&mut second));
+        assert_eq!(p.queued(), 2);
+        // A place comes back: it passes to the oldest waiter, still counted busy.
+        p.give_back(0, None);
+        assert!(ready(&mut first), "the first waiter was not granted");
+        assert!(
+            !ready(&mut second),
+            "the second waiter was granted out of turn"
+        );
+        assert_eq!(busy(&p), 1);
+        p.give_back(0, None);
+        assert!(ready(&mut second));
+        assert_eq!((busy(&p), p.queued()), (1, 0));
+        // The last one back frees its place.
+        p.give_back(0, None);
+        assert_eq!(busy(&p), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_that_waited_queue_wait_goes_past_the_limit() {
+        let wait = Duration::from_millis(20);
+        let p = pool(1, wait);
+        p.wait_for_place(0).await;
+        let started = tokio::time::Instant::now();
+        // Nothing comes back: the watch lets it open a connection of its own.
+        assert!(p.wait_for_place(0).await.is_none());
+        let waited = started.elapsed();
+        assert!(
+            waited >= wait / 2 && waited <= wait + Duration::from_millis(1),
+            "waited {waited:?} for a queue_wait of {wait:?}"
+        );
+        assert_eq!((busy(&p), p.queued()), (2, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_abandoned_wait_loses_no_place() {
+        let p = pool(1, Duration::from_secs(10));
+        p.wait_for_place(0).await;
+        let mut gone = Box::pin(p.wait_for_place(0));
+        let mut kept = Box::pin(p.wait_for_place(0));
+        assert!(!ready(&mut gone) && !ready(&mut kept));
+        // The client goes away while its request waits.
+        drop(gone);
+        p.give_back(0, None);
+        assert!(ready(&mut kept), "the place went to the abandoned request");
+        assert_eq!(busy(&p), 1);
+        // Granted and then abandoned before it ran: the place is handed back, not leaked.
+        let mut late = Box::pin(p.wait_for_place(0));
+        assert!(!ready(&mut late));
+        p.give_back(0, None);
+        drop(late);
+        assert_eq!(busy(&p), 0);
+    }
+}

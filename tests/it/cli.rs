@@ -1,18 +1,37 @@
-//! The built binary: `check` names the file (and line) at fault for every rule of SPEC §2, and
-//! `serve` finishes an in-flight request on SIGTERM before exiting 0.
+//! `check` names the file (and line) at fault for every rule of SPEC §2 (in-process, and once
+//! through the built binary for its exit status and count); the built binary finishes an
+//! in-flight request on SIGTERM before exiting 0, reloads on SIGHUP, and under
+//! `--log-format json` writes only JSON lines.
 
-mod support;
-
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::io::BufRead;
+use std::process::Command;
 use std::time::Duration;
 
+use crate::support::*;
 use http::StatusCode;
-use support::*;
 
-const BIN: &str = env!("CARGO_BIN_EXE_logon-gate");
+use crate::support::process::{BIN, GatewayProcess};
 
+/// `check`, in-process: whether the configuration is valid, its summary, and its errors one
+/// per line (what the command prints on stdout and stderr).
 fn check(f: &Fixture) -> (bool, String, String) {
+    let config = f.gateway_toml();
+    match logon_gate::ops::check(&config) {
+        Ok(table) => (
+            true,
+            logon_gate::ops::summary(&config, &table),
+            String::new(),
+        ),
+        Err(errors) => (
+            false,
+            String::new(),
+            errors.iter().map(|e| format!("{e}\n")).collect(),
+        ),
+    }
+}
+
+/// The built binary's `check`: its exit status, stdout and stderr.
+fn check_binary(f: &Fixture) -> (bool, String, String) {
     let out = Command::new(BIN)
         .arg("check")
         .arg("-c")
@@ -46,7 +65,7 @@ fn assert_refused(f: &Fixture, file: &str, line: Option<usize>, words: &str) {
 #[test]
 fn valid_configuration_passes_with_a_summary() {
     let f = fixture();
-    let (ok, out, err) = check(&f);
+    let (ok, out, err) = check_binary(&f);
     assert!(ok, "{err}");
     assert!(out.contains("configuration is valid"), "{out}");
     assert!(
@@ -258,7 +277,7 @@ fn errors_are_all_reported_at_once() {
         &EXAMPLE_NET.replace("\"mail.example.net\"", "\"mail.example.org\""),
     );
     f.write_tenant("example.com", &EXAMPLE_COM.replace("\"free\"", "\"gold\""));
-    let (ok, _, err) = check(&f);
+    let (ok, _, err) = check_binary(&f);
     assert!(!ok);
     assert!(err.contains("example.net.toml:13:"), "{err}");
     assert!(err.contains("example.com.toml:2:"), "{err}");
@@ -287,27 +306,8 @@ fn a_bad_cpu_affinity_switch_stops_serve_naming_the_variable() {
 async fn sigterm_lets_an_in_flight_request_finish() {
     let backend = Backend::start().await;
     let f = Fixture::new(&backend.url(), "");
-    let mut child = Command::new(BIN)
-        .arg("serve")
-        .arg("-c")
-        .arg(f.gateway_toml())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn gateway");
-    let stdout = child.stdout.take().expect("stdout");
-    let line = tokio::task::spawn_blocking(move || {
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).map(|_| line)
-    })
-    .await
-    .expect("join")
-    .expect("read listening line");
-    let https: std::net::SocketAddr = line
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("https="))
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("no https address in {line:?}"));
+    let gw = GatewayProcess::start(&["serve"], &f.gateway_toml()).await;
+    let https = gw.https.expect("https");
 
     let mut c = https_client(https, &f.pki.ca_der(), "webmail.example.net", false).await;
     let in_flight =
@@ -316,12 +316,7 @@ async fn sigterm_lets_an_in_flight_request_finish() {
         eventually(Duration::from_secs(5), || async { backend.hits() == 1 }).await,
         "request did not reach the backend"
     );
-    let killed = Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status()
-        .expect("kill");
-    assert!(killed.success());
+    gw.signal("TERM");
 
     // New connections are no longer accepted...
     let refused = eventually(Duration::from_secs(5), || async {
@@ -333,10 +328,7 @@ async fn sigterm_lets_an_in_flight_request_finish() {
     let r = in_flight.await.expect("join");
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.text(), "slow done");
-    let status = tokio::task::spawn_blocking(move || child.wait())
-        .await
-        .expect("join")
-        .expect("wait");
+    let (status, _) = gw.wait().await;
     assert!(status.success(), "exit status {status}");
 }
 
@@ -344,61 +336,30 @@ async fn sigterm_lets_an_in_flight_request_finish() {
 async fn sighup_reloads_without_a_file_change() {
     let backend = Backend::start().await;
     let f = Fixture::new(&backend.url(), "");
-    let mut child = Command::new(BIN)
-        .arg("-c")
-        .arg(f.gateway_toml())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn gateway");
-    let stdout = child.stdout.take().expect("stdout");
-    let stderr = child.stderr.take().expect("stderr");
-    let first = tokio::task::spawn_blocking(move || {
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).map(|_| line)
-    })
-    .await
-    .expect("join")
-    .expect("read");
-    assert!(first.starts_with("listening https="), "{first:?}");
-    let pid = child.id().to_string();
+    let mut gw = GatewayProcess::start(&[], &f.gateway_toml()).await;
     assert!(
-        Command::new("kill")
-            .args(["-HUP", &pid])
-            .status()
-            .expect("kill")
-            .success()
+        gw.ready_line.starts_with("listening https="),
+        "{:?}",
+        gw.ready_line
     );
-    // Read stderr until the reload is reported (bounded: the gateway is killed after 10 s).
-    let killer = std::thread::spawn({
-        let pid = pid.clone();
-        move || {
-            std::thread::sleep(Duration::from_secs(10));
-            let _ = Command::new("kill").args(["-KILL", &pid]).status();
-        }
-    });
+    let stderr = gw.take_stderr();
+    gw.signal("HUP");
+    // Read stderr until the reload is reported (bounded by the timeout; the gateway is
+    // killed when `gw` drops).
     let reloaded = tokio::task::spawn_blocking(move || {
-        BufReader::new(stderr)
+        stderr
             .lines()
             .map_while(Result::ok)
             .any(|l| l.contains("configuration reloaded") && l.contains("generation=2"))
-    })
-    .await
-    .expect("join");
-    assert!(reloaded, "no reload reported after SIGHUP");
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .expect("kill")
-            .success()
-    );
-    let status = tokio::task::spawn_blocking(move || child.wait())
+    });
+    let reloaded = tokio::time::timeout(Duration::from_secs(10), reloaded)
         .await
-        .expect("join")
-        .expect("wait");
+        .expect("a reload reported within 10 s")
+        .expect("join");
+    assert!(reloaded, "no reload reported after SIGHUP");
+    gw.signal("TERM");
+    let (status, _) = gw.wait().await;
     assert!(status.success(), "{status}");
-    drop(killer);
 }
 
 /// Under `--log-format json` every line the process writes, on stdout and stderr alike, is
@@ -407,65 +368,22 @@ async fn sighup_reloads_without_a_file_change() {
 async fn json_log_format_writes_only_json_lines() {
     let backend = Backend::start().await;
     let f = Fixture::new(&backend.url(), "");
-    let mut child = Command::new(BIN)
-        .args(["--log-format", "json", "-c"])
-        .arg(f.gateway_toml())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn gateway");
-    let pid = child.id().to_string();
-    // Bounded: the gateway is killed after 10 s whatever happens.
-    let killer = std::thread::spawn({
-        let pid = pid.clone();
-        move || {
-            std::thread::sleep(Duration::from_secs(10));
-            let _ = Command::new("kill").args(["-KILL", &pid]).status();
-        }
-    });
-    let stdout = child.stdout.take().expect("stdout");
-    let stderr = child.stderr.take().expect("stderr");
-    let errors = std::thread::spawn(move || {
-        BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-            .collect::<Vec<_>>()
-    });
-    let mut out = BufReader::new(stdout);
-    let first = tokio::task::spawn_blocking(move || {
-        let mut line = String::new();
-        out.read_line(&mut line).map(|_| (line, out))
-    })
-    .await
-    .expect("join")
-    .expect("read");
-    let (first, mut out) = first;
-    let ready: serde_json::Value = serde_json::from_str(first.trim()).expect("JSON readiness");
-    assert_eq!(ready["message"], "listening", "{first}");
-    let https: std::net::SocketAddr = ready["https"]
-        .as_str()
-        .and_then(|a| a.parse().ok())
-        .expect("https address");
+    let mut gw = GatewayProcess::start(&["--log-format", "json"], &f.gateway_toml()).await;
+    let ready: serde_json::Value =
+        serde_json::from_str(&gw.ready_line).expect("JSON readiness line");
+    assert_eq!(ready["message"], "listening", "{}", gw.ready_line);
+    let stderr = gw.take_stderr();
+    let errors =
+        std::thread::spawn(move || stderr.lines().map_while(Result::ok).collect::<Vec<_>>());
+    let https = gw.https.expect("https address");
     let mut c = https_client(https, &f.pki.ca_der(), "webmail.example.net", false).await;
     assert_eq!(
         c.get("webmail.example.net", "/").await.status,
         StatusCode::OK
     );
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .expect("kill")
-            .success()
-    );
-    let status = tokio::task::spawn_blocking(move || child.wait())
-        .await
-        .expect("join")
-        .expect("wait");
+    gw.signal("TERM");
+    let (status, rest) = gw.wait().await;
     assert!(status.success(), "{status}");
-    drop(killer);
-    let mut rest = String::new();
-    std::io::Read::read_to_string(&mut out, &mut rest).expect("read stdout");
     let errors = errors.join().expect("stderr reader");
     assert!(
         errors.iter().any(|l| l.contains("\"target\":\"access\"")),

@@ -1,12 +1,10 @@
 //! End-to-end: the real gateway on port 0, a real backend, real TLS clients over HTTP/1.1 and
 //! HTTP/2 that trust only the test CA.
 
-mod support;
-
+use crate::support::*;
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use http::StatusCode;
-use support::*;
 use tokio_tungstenite::tungstenite::Message;
 
 #[tokio::test]

@@ -2,16 +2,14 @@
 //! kept, concurrent edits kept, `domain verify` against a real DNS server on loopback, and the
 //! seed's whole walk-through ending with the running gateway serving the address over HTTPS.
 
-mod support;
-
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use crate::support::dns::{DnsServer, Rec};
+use crate::support::*;
 use http::StatusCode;
-use support::dns::{DnsServer, Rec};
-use support::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_logon-gate");
 

@@ -91,11 +91,13 @@ impl Peer {
 #[derive(Debug)]
 pub struct H2Answer {
     pub status: Option<u16>,
+    #[allow(dead_code, reason = "shown when an assertion fails")]
     pub headers: Vec<(String, String)>,
     pub trailers: Vec<(String, String)>,
     pub body: String,
     /// The RST_STREAM error code's name, if the stream was reset.
     pub reset: Option<String>,
+    #[allow(dead_code, reason = "shown when an assertion fails")]
     pub goaway: Option<String>,
 }
 
@@ -157,7 +159,9 @@ pub struct CurlAnswer {
     /// Each head: its status line, then its fields with lower-cased names.
     pub heads: Vec<(String, Vec<(String, String)>)>,
     pub body: String,
+    #[allow(dead_code, reason = "shown when an assertion fails")]
     pub exit: i32,
+    #[allow(dead_code, reason = "shown when an assertion fails")]
     pub stderr: String,
 }
 

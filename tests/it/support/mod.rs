@@ -1,6 +1,5 @@
 //! Test support: a throwaway PKI, a real backend on port 0, the real gateway on port 0, and
 //! real TLS clients (HTTP/1.1 and HTTP/2) that trust only the test CA.
-#![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -515,3 +514,4 @@ pub async fn http_client(addr: SocketAddr) -> Client {
 }
 pub mod dns;
 pub mod peers;
+pub mod process;

@@ -1,11 +1,9 @@
 //! The admin listener: /healthz, /metrics moving with traffic and reloads, /status JSON.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::*;
 use http::StatusCode;
-use support::*;
 
 async fn admin_get(addr: std::net::SocketAddr, path: &str) -> Got {
     let mut c = http_client(addr).await;

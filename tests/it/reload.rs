@@ -1,18 +1,16 @@
 //! Hot reload, end to end: every way a change arrives is picked up within 2 s, an invalid edit
 //! keeps the old table serving, and nothing in flight is dropped across 50 reloads.
 
-mod support;
-
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use crate::support::*;
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use http::StatusCode;
 use logon_gate::serve::Running;
-use support::*;
 use tokio_tungstenite::tungstenite::Message;
 
 const WITHIN: Duration = Duration::from_secs(2);

@@ -4,12 +4,10 @@
 //! Debian packages (python3-h2, php-cli, curl), so they are ignored by a bare `cargo test`
 //! and run by `.ci/run`.
 
-mod support;
-
 use std::path::PathBuf;
 
-use support::peers::{Peer, curl, h2_request};
-use support::*;
+use crate::support::peers::{Peer, curl, h2_request};
+use crate::support::*;
 
 /// The gateway in front of `backend`, and the test CA's PEM file for the clients.
 async fn gateway(backend: &str) -> (Fixture, logon_gate::serve::Running, PathBuf, u16) {
@@ -60,7 +58,7 @@ fn received(echo: &serde_json::Value, name: &str) -> Vec<String> {
 #[tokio::test]
 #[ignore = "needs php-cli, python3-h2 and curl: run by .ci/run"]
 async fn h2_cookie_crumbs_reach_php_as_separate_cookies() {
-    let php = Peer::php(&support::peers::peers_dir().join("cookies.php"));
+    let php = Peer::php(&crate::support::peers::peers_dir().join("cookies.php"));
     let (_f, _gw, ca, port) = gateway(&php.url()).await;
     let authority = format!("webmail.example.net:{port}");
     let a = h2_request(

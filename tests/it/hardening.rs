@@ -1,19 +1,16 @@
 //! Listener hardening and the access log: slowloris, the connection cap, 431, request
 //! smuggling shapes, HTTP/2 rapid reset, old TLS versions and non-AEAD suites, JSON access log.
 
-mod support;
-
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::io::BufRead;
 use std::time::{Duration, Instant};
 
+use crate::support::*;
 use bytes::Bytes;
 use http::StatusCode;
-use support::*;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-const BIN: &str = env!("CARGO_BIN_EXE_logon-gate");
+use crate::support::process::GatewayProcess;
 
 /// Reads until EOF (or `limit`); returns what arrived and whether EOF was seen.
 async fn read_to_close<S: AsyncRead + Unpin>(s: &mut S, limit: Duration) -> (Vec<u8>, bool) {
@@ -719,28 +716,10 @@ async fn old_tls_and_non_aead_suites_are_never_negotiated() {
 async fn json_access_log_line_has_every_field() {
     let backend = Backend::start().await;
     let f = Fixture::new(&backend.url(), "");
-    let mut child = Command::new(BIN)
-        .args(["serve", "--log-format", "json", "-c"])
-        .arg(f.gateway_toml())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let stdout = child.stdout.take().expect("stdout");
-    let stderr = child.stderr.take().expect("stderr");
-    let line = tokio::task::spawn_blocking(move || {
-        let mut l = String::new();
-        BufReader::new(stdout).read_line(&mut l).map(|_| l)
-    })
-    .await
-    .expect("join")
-    .expect("read");
+    let mut gw = GatewayProcess::start(&["serve", "--log-format", "json"], &f.gateway_toml()).await;
+    let stderr = gw.take_stderr();
     // Under JSON the readiness line is a JSON object too.
-    let ready: serde_json::Value = serde_json::from_str(line.trim()).expect("JSON readiness");
-    let https: std::net::SocketAddr = ready["https"]
-        .as_str()
-        .and_then(|a| a.parse().ok())
-        .expect("https address");
+    let https = gw.https.expect("https address in the JSON readiness line");
     let mut c = https_client(https, &f.pki.ca_der(), "webmail.example.net", false).await;
     let r = c
         .send(
@@ -753,25 +732,19 @@ async fn json_access_log_line_has_every_field() {
         .await
         .expect("request");
     assert_eq!(r.status, StatusCode::OK);
-    let pid = child.id().to_string();
-    let killer = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_secs(10));
-        let _ = Command::new("kill").args(["-KILL", &pid]).status();
-    });
     let access = tokio::task::spawn_blocking(move || {
-        BufReader::new(stderr)
+        stderr
             .lines()
             .map_while(Result::ok)
             .find(|l| l.contains("\"target\":\"access\""))
-    })
-    .await
-    .expect("join")
-    .expect("an access line");
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let _ = child.wait();
-    drop(killer);
+    });
+    let access = tokio::time::timeout(Duration::from_secs(10), access)
+        .await
+        .expect("an access line within 10 s")
+        .expect("join")
+        .expect("an access line");
+    gw.signal("TERM");
+    let _ = gw.wait().await;
     let j: serde_json::Value = serde_json::from_str(&access).expect("access line is JSON");
     assert!(j["timestamp"].is_string(), "{j}");
     assert!(

@@ -6,15 +6,13 @@
 //! refusal without reaching Roundcube. It needs Debian packages and npm (`.ci/run` installs
 //! them), so a bare `cargo test` ignores it. Pieces and how they fit: tests/browser/README.md.
 
-mod support;
-
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::*;
+use crate::support::*;
 
 const USER: &str = "alice";
 const PASS: &str = "wonderland-7";
