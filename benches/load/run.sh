@@ -13,7 +13,8 @@
 # Usage: benches/load/run.sh [SECONDS]   (default 8; run as root: it installs packages with apt
 # and maps the two test host names to 127.0.0.1 in /etc/hosts for wrk, removing them after)
 # BASE_BIN=PATH adds a second logon-gate (e.g. the commit before a change, built elsewhere) as
-# the proxy "base", taking its turns in the same rounds.
+# the proxy "base", taking its turns in the same rounds; EXTRA_BINS="name=PATH ..." adds more
+# (variants of one change), each under its name.
 set -euo pipefail
 
 DUR=${1:-8}
@@ -41,9 +42,14 @@ trap cleanup EXIT
 for h in "${HOSTS[@]}"; do echo "127.0.0.1 $h # logon-gate-load" >> /etc/hosts; done
 ulimit -n "$(ulimit -Hn)"
 
-echo "building logon-gate (release)..." >&2
-(cd "$ROOT" && cargo build --release --locked -q)
-BIN="$ROOT/target/release/logon-gate"
+# GATE_BIN=PATH runs a logon-gate built elsewhere instead of building this tree's.
+if [ -n "${GATE_BIN:-}" ]; then
+  BIN=$GATE_BIN
+else
+  echo "building logon-gate (release)..." >&2
+  (cd "$ROOT" && cargo build --release --locked -q)
+  BIN="$ROOT/target/release/logon-gate"
+fi
 
 # ---- certificates: a CA and one ECDSA P-256 leaf per host
 cd "$WORK"
@@ -110,15 +116,20 @@ GATE_PID=$!
 PIDS+=($GATE_PID)
 PROXIES=(logon-gate nginx haproxy)
 PORTS=($GATE_PORT $NGINX_PORT $HAPROXY_PORT)
-if [ -n "${BASE_BIN:-}" ]; then
-  cp -r gate base
-  sed -i "s/:$GATE_PORT\"/:$BASE_PORT\"/" base/config/gateway.toml
-  "$BASE_BIN" serve -c base/config/gateway.toml --log-level "$GATE_LOG" > base/stdout 2> base/stderr &
-  BASE_PID=$!
-  PIDS+=($BASE_PID)
-  PROXIES+=(base)
-  PORTS+=($BASE_PORT)
-fi
+EXTRA_PIDS=()
+extras=()
+[ -n "${BASE_BIN:-}" ] && extras+=("base=$BASE_BIN")
+for e in ${EXTRA_BINS:-}; do extras+=("$e"); done
+for e in "${extras[@]}"; do
+  name=${e%%=*} bin=${e#*=} port=$((BASE_PORT + ${#EXTRA_PIDS[@]}))
+  cp -r gate "$name"
+  sed -i "s/:$GATE_PORT\"/:$port\"/" "$name/config/gateway.toml"
+  "$bin" serve -c "$name/config/gateway.toml" --log-level "$GATE_LOG" > "$name/stdout" 2> "$name/stderr" &
+  EXTRA_PIDS+=($!)
+  PIDS+=($!)
+  PROXIES+=("$name")
+  PORTS+=($port)
+done
 
 # ---- nginx as the proxy
 mkdir -p proxy
@@ -290,7 +301,7 @@ run_proxy() { # load index
     0) run_one "$1" logon-gate $GATE_PORT $GATE_PID ;;
     1) run_one "$1" nginx $NGINX_PORT $NGINX_PIDS ;;
     2) run_one "$1" haproxy $HAPROXY_PORT $HAPROXY_PID ;;
-    3) run_one "$1" base $BASE_PORT $BASE_PID ;;
+    *) run_one "$1" "${PROXIES[$2]}" "${PORTS[$2]}" "${EXTRA_PIDS[$(($2 - 3))]}" ;;
   esac
 }
 N=${#PROXIES[@]}

@@ -564,7 +564,7 @@ fn parse_backend(src: &Source, raw: &RawBackend, errors: &mut Vec<ConfigError>) 
 
 /// Per serving thread: above the 250 requests per thread in flight of the HTTP/2 load
 /// benchmark, where a queue at 64 cost more (more writes and context switches) than the
-/// connections it saved (benches/load/README.md); 1,024 connections in all on two cores, as
+/// connections it saved (docs/performance.md); 1,024 connections in all on two cores, as
 /// the benchmark's HAProxy `maxconn`.
 const DEFAULT_QUEUE_AFTER_BUSY: usize = 512;
 /// Long enough to ride out the queue of a fast backend under load (a few milliseconds in the

@@ -116,7 +116,7 @@ fn smuggling_shape<B>(req: &Request<B>) -> bool {
 /// request; the future returned ([`Handling`]) only waits for the backend and finishes the
 /// answer. The request is thus kept once, in the pool's future: hyper copies a stream's
 /// whole future into the stream's box when it starts, into memory last written hundreds of
-/// requests before, so every byte of it costs (benches/load/README.md).
+/// requests before, so every byte of it costs (docs/performance.md).
 pub fn handle(
     conn: Arc<Conn>,
     req: Request<Incoming>,
@@ -149,7 +149,7 @@ pub fn handle(
         })
     });
 
-    // RequestBody for every HTTP/1.x request, so the framing watch's request numbers line up.
+    // Counted for every HTTP/1.x request, so the framing watch's request numbers line up.
     let ambiguous = h1 && conn.framing.begin();
     let bad_framing = ambiguous || smuggling_shape(&req);
     // A browser sends all of a connection's requests to one host: the next request with the

@@ -100,7 +100,7 @@ impl ConnProgress {
         self.idle_began.notify_one();
     }
 
-    /// Whether a request is still being answered, out of `heads` that have arrived. RequestBody
+    /// Whether a request is still being answered, out of `heads` that have arrived. Counted
     /// from heads the watch has seen, not requests the handler has begun: hyper reads again
     /// before it first polls the handler, and that gap is not idle time.
     pub(crate) fn answering(&self, heads: u64) -> bool {

@@ -331,7 +331,7 @@ async fn serve_tls(
     stop: &mut watch::Receiver<bool>,
 ) {
     // Each stage is boxed so the task holds only the stage under way: an idle connection then
-    // carries neither the 3.4 KB of handshake state nor a second copy of the TLS stream. The
+    // carries neither the handshake's state nor a second copy of the TLS stream. The
     // block ends the stream's storage before the serving await (a moved-from local would
     // otherwise still take room in this future).
     let served: Pin<Box<dyn Future<Output = ()> + Send>> = {

@@ -68,7 +68,7 @@ const TICKETS_FULL: usize = 2;
 /// ...and after a client offered a ticket: one, to replace the ticket it just used. OpenSSL
 /// does the same; rustls sends its configured count on every handshake. Each ticket costs the
 /// server an encryption and the client a parse and a store, which shows with clients that
-/// reconnect often (README: session resumption).
+/// reconnect often (docs/spec-readings.md, "Session resumption"; docs/performance.md).
 const TICKETS_RESUMED: usize = 1;
 
 /// How many TLS 1.3 tickets to send on a connection whose first bytes are `received`.

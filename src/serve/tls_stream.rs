@@ -1,8 +1,8 @@
 //! The server side of a TLS connection, over rustls' unbuffered API.
 //!
 //! rustls' buffered `ServerConnection`, which tokio-rustls wraps, keeps a 4 KB read buffer for
-//! the connection's whole life and has no call to give it back: with ten thousand idle
-//! keep-alive connections that alone is 40 MB. Here the stream owns its buffers, so a parked
+//! the connection's whole life and has no call to give it back, which adds up over many idle
+//! keep-alive connections (docs/performance.md). Here the stream owns its buffers, so a parked
 //! connection (`park`) releases them ([`TlsStream::release_buffers`]) and keeps only rustls'
 //! protocol state. Writes are encrypted straight into the outgoing buffer rather than into a
 //! record allocated per write.

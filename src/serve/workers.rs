@@ -2,19 +2,19 @@
 //! handed to it from accept to close, as nginx's and HAProxy's workers do.
 //!
 //! The accept loops hand each new connection to the thread serving the fewest. A connection's
-//! task, the tasks hyper spawns for its HTTP/2 streams and the backend connections its
-//! requests use (the pool keeps one idle list per thread) all run on one thread, so a request
-//! never waits for a wake-up from another thread, and no task migrates between cores. The
-//! accept loops, reloads and the admin endpoint stay on the main runtime.
+//! task (which also polls its HTTP/2 streams, `serve::h2::streams`) and the backend
+//! connections its requests use (the pool keeps one idle list per thread) all run on one
+//! thread, so a request never waits for a wake-up from another thread, and no task migrates
+//! between cores. The accept loops, reloads and the admin endpoint stay on the main runtime.
 //!
 //! A serving thread that has run for [`SLICE`] without sleeping offers its core to whatever
 //! else waits for it (`sched_yield`). Otherwise the scheduler lets it run until its tick (4 ms
 //! on a 250 Hz kernel) while what waits holds up requests: the other serving thread, when the
-//! scheduler stacks both on one core (each such wait stalled the 25 connections it serves: the
-//! HTTP/1.1 p99 was 4.4 ms), or the backend, whose answers the thread then waits for in turn
-//! (HTTP/2 throughput). Whether the thread slept is read from its count of voluntary context
-//! switches: tokio's park hooks also run when the thread only looked for events and found
-//! some, without sleeping.
+//! scheduler stacks both on one core (each such wait stalls every connection the waiting
+//! thread serves, which showed in the HTTP/1.1 p99), or the backend, whose answers the thread
+//! then waits for in turn (HTTP/2 throughput). Whether the thread slept is read from its
+//! count of voluntary context switches: tokio's park hooks also run when the thread only
+//! looked for events and found some, without sleeping.
 //!
 //! The thread looks at two points. Each time its run queue empties ([`at_park`]): everything
 //! it has read has then been passed on, so a turn given away holds up nothing already taken
@@ -22,14 +22,13 @@
 //! load the queue of a thread stacked on a busy core seldom empties. Not at HTTP/2 request
 //! starts: those come in batches, taken from one read of a connection, and a turn given away
 //! in the middle of one held the streams already taken in, and every answer queued behind
-//! them, for the whole turn (the HTTP/2 p99 was 35.2 ms against 30.5 ms without;
-//! benches/load/README.md).
+//! them, for the whole turn (docs/performance.md).
 //!
 //! With `LOGON_GATE_CPU_AFFINITY=1` each serving thread is also pinned to one CPU (as nginx's
 //! `worker_cpu_affinity auto` or HAProxy's `cpu-map` do), so that the scheduler never stacks
 //! two of them on one core. Off by default: since the slice above, stacking costs little, and
 //! on a host whose cores are busy with other processes a pinned thread cannot move away from
-//! them (benches/load/README.md has the measurements).
+//! them (docs/performance.md).
 
 use std::cell::Cell;
 use std::future::Future;
@@ -50,12 +49,13 @@ thread_local! {
 }
 
 /// How long a serving thread runs without sleeping before it offers its core: well below the
-/// scheduler's 4 ms tick. 0.25 ms traded 1–2% of HTTP/1.1 for 1–5% of HTTP/2, and an earlier
-/// form of this rule measured 0.25, 0.5 and 1 ms alike (benches/load/README.md).
+/// scheduler's 4 ms tick. Shorter and longer slices measured about alike
+/// (docs/performance.md).
 pub const SLICE: Duration = Duration::from_micros(500);
 
-/// How many HTTP/1.1 requests a serving thread starts between two looks: about every 0.3 to
-/// 1 ms at this machine's load, for a `getrusage` call and a vDSO clock read per 16 requests.
+/// How many HTTP/1.1 requests a serving thread starts between two looks: often enough to
+/// notice a slice's end under load, for a `getrusage` call and a vDSO clock read per 16
+/// requests.
 pub const CHECK_EVERY: u32 = 16;
 
 /// Called as each HTTP/1.1 request starts. Every [`CHECK_EVERY`] requests on a serving thread,

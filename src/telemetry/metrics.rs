@@ -234,16 +234,16 @@ const DURATION_BOUNDS: [f64; 16] = {
     b
 };
 
-/// Request counts and durations, one set per serving thread (`workers::slot`), summed when
+/// Request counts and durations, one set per serving thread (`shard::slot`), summed when
 /// scraped. prometheus-client's counter and histogram are one counter and one mutex that
 /// every serving thread wrote on every request, moving their cache lines from core to core
-/// (benches/load/README.md); each thread now writes only its own lines.
+/// (docs/performance.md); each thread now writes only its own lines.
 #[derive(Debug)]
 struct RequestStats {
     shards: Shards,
 }
 
-/// One [`ShardStats`] per slot of per-thread state (`workers::SLOTS`).
+/// One [`ShardStats`] per slot of per-thread state (`shard::SLOTS`).
 type Shards = Arc<[CachePadded<ShardStats>; crate::shard::SLOTS]>;
 
 impl Default for RequestStats {

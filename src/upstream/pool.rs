@@ -10,11 +10,11 @@
 //! safety bound against a burst opening thousands of connections, not a tuning: a queue that
 //! is reached under steady load sends the requests that waited one at a time, as connections
 //! come back, where they would have gone out together; the backend and the clients then see
-//! more, smaller writes, and the gateway more context switches (benches/load/README.md).
+//! more, smaller writes, and the gateway more context switches (docs/performance.md).
 //!
 //! Written instead of hyper-util's legacy client because that one spawns a task per request to
 //! watch the connection become idle again; the load profile showed its checkout and spawn as
-//! the largest user-space cost on the forwarding path (benches/load/README.md).
+//! the largest user-space cost on the forwarding path (docs/performance.md).
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -71,7 +71,7 @@ impl PoolError {
 /// Pooled connections to one backend, and the count of requests in flight to it.
 pub struct Pool {
     /// Requests between [`Pool::enter`] and their response head (or the end of their tunnel),
-    /// held to `max_in_flight`. RequestBody here, not in a semaphore of its own: the place rides
+    /// held to `max_in_flight`. Counted here, not in a semaphore of its own: the place rides
     /// along in the request's [`Lease`], which holds this pool's `Arc` anyway, and a plain
     /// counter takes two atomic operations per request where tokio's semaphore took six
     /// (its `Arc`, and a mutex on every release), each on a cache line that both serving
@@ -84,7 +84,7 @@ pub struct Pool {
 
 /// What the pool reads on every request and rarely writes.
 struct Settings {
-    /// One per serving thread (`workers::slot`): a connection's task runs on the thread that
+    /// One per serving thread (`shard::slot`): a connection's task runs on the thread that
     /// made it, so a request reuses one made on its own thread. Padded: each thread locks its
     /// own on every request, which would otherwise move a line shared with its neighbour's.
     shards: Box<[CachePadded<Mutex<Shard>>]>,
@@ -173,7 +173,7 @@ impl Pool {
     /// steps. Either way the request is kept once: every byte of this future is copied when
     /// an HTTP/2 stream starts, into memory last written hundreds of requests before, so the
     /// common case keeps only hyper's response future, not the space of all the awaits of
-    /// the rare ones (benches/load/README.md).
+    /// the rare ones (docs/performance.md).
     ///
     /// Takes the request's place in flight, whose pool `Arc` becomes the request's [`Lease`].
     pub fn send(
@@ -364,9 +364,8 @@ impl Pool {
             })?;
         let _ = tcp.set_nodelay(true);
         // One plain send(2) per request instead of hyper's writev(2): the head (and a small
-        // body) is one buffer anyway, and on loopback writev cost 5% more per call (4.33
-        // against 4.11 µs). Alternating HTTP/2 runs: 0.1–0.5 µs less CPU per request
-        // (benches/load/README.md). Larger bodies are copied into hyper's buffer instead.
+        // body) is one buffer anyway, and writev costs more per call (docs/performance.md).
+        // Larger bodies are copied into hyper's buffer instead.
         let (sender, conn) = http1::Builder::new()
             .writev(false)
             .handshake(TokioIo::new(tcp))

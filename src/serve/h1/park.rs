@@ -1,8 +1,8 @@
 //! Idle HTTP/1.1 connections without hyper's buffers.
 //!
-//! hyper keeps, for every HTTP/1.1 connection for its whole life, a read buffer (8–16 KB), a
-//! write buffer (8 KB) and the last header map (about 3 KB), and has no way to let them go
-//! while the connection idles. With thousands of keep-alive connections from webmail clients
+//! hyper keeps, for every HTTP/1.1 connection for its whole life, a read buffer, a write
+//! buffer and the last header map, and has no way to let them go while the connection idles
+//! (docs/performance.md). With thousands of keep-alive connections from webmail clients
 //! that is most of the gateway's memory. So, as nginx frees its request buffers between
 //! keep-alive requests, a TLS HTTP/1.1 connection that has idled for [`PARK_AFTER`] is taken
 //! back from hyper: hyper closes its side (its shutdown of the stream is turned into a flush),
@@ -34,7 +34,7 @@ use crate::state::stopped;
 /// burst of requests keeps its hyper connection; short next to `keepalive_timeout`.
 pub const PARK_AFTER: Duration = Duration::from_secs(1);
 
-/// Boxed so that moving it between the parked and the served state moves a pointer (a 1.3 KB
+/// Boxed so that moving it between the parked and the served state moves a pointer (the
 /// stream held by value took room several times over in the future that moves it).
 type ParkableIo = Box<Watched<TlsStream<TcpStream>>>;
 
@@ -187,7 +187,7 @@ async fn next_event(
 /// `tokio::select!` polls every branch each time the task wakes, and an HTTP/1.1
 /// connection's task wakes for every read and write: its waits beside hyper's connection
 /// (stop, abuse, park timer) were polled that often, each poll locking a `Notify`'s waiter
-/// list (0.5% of the gateway's CPU under wrk). `FuturesUnordered` gives the future a waker
+/// list (docs/performance.md). `FuturesUnordered` gives the future a waker
 /// of its own and polls it only after that waker fired.
 fn when_woken<F: Future>(fut: F) -> futures_util::stream::FuturesUnordered<F> {
     std::iter::once(fut).collect()

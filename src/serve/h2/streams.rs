@@ -28,7 +28,7 @@ use tokio::time::{Instant, Sleep};
 /// A stream's future, boxed as it came from hyper. A panic in its poll ends it alone, as it
 /// did as a task of its own (the panic hook has reported it by then); catching it here, not
 /// in a wrapper around the future, keeps the future from being copied once more on its way
-/// into the box (hyper's stream futures are about 600 bytes).
+/// into the box (hyper's stream futures are large: docs/performance.md).
 struct StreamTask(Pin<Box<dyn Future<Output = ()> + Send>>);
 
 impl Future for StreamTask {
