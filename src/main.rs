@@ -7,15 +7,14 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-// jemalloc: on the load benchmark it costs the least CPU per request of the three allocators
-// tried (glibc, mimalloc, jemalloc), and holds 10k idle TLS connections in 327 MB where mimalloc
-// needed 464 MB (glibc: 290 MB, but 5-10% more CPU per request). benches/load/README.md.
+// jemalloc: it returns freed memory to the system (see `runtime`) and costs less CPU per
+// request than glibc or mimalloc here (docs/performance.md).
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 // jemalloc's own options are compiled in from `.cargo/config.toml`
-// (`JEMALLOC_SYS_WITH_MALLOC_CONF`): larger per-thread caches, trimmed less often. Why, and
-// what it was measured to do, is said there.
+// (`JEMALLOC_SYS_WITH_MALLOC_CONF`): larger per-thread caches, trimmed less often. Why is said
+// there.
 
 use logon_gate::config::Edition;
 use logon_gate::telemetry::logfmt;
@@ -250,10 +249,12 @@ fn domain(config: &std::path::Path, cmd: DomainCmd) -> Result<(), MainError> {
     }
 }
 
-/// Logs go to stderr through a shared 64 KiB buffer flushed every 100 ms (`logfmt::LogWriter`),
-/// so under load one write(2) carries many lines. Access lines have their own formatter
-/// (`logfmt::AccessLayer`); everything else uses tracing-subscriber's.
-fn init_tracing(level: Option<&str>, format: LogFormat) -> logfmt::FlushGuard {
+/// Logs go to stderr through tracing-appender's writer thread (see below). Access lines have
+/// their own formatter (`logfmt::AccessLayer`); everything else uses tracing-subscriber's.
+fn init_tracing(
+    level: Option<&str>,
+    format: LogFormat,
+) -> tracing_appender::non_blocking::WorkerGuard {
     use tracing_subscriber::EnvFilter;
     use tracing_subscriber::Layer as _;
     use tracing_subscriber::filter::{FilterExt as _, Targets};
@@ -264,7 +265,20 @@ fn init_tracing(level: Option<&str>, format: LogFormat) -> logfmt::FlushGuard {
         .or_else(|| std::env::var("RUST_LOG").ok())
         .unwrap_or_else(|| "info".into());
     let env = || EnvFilter::try_new(&spec).unwrap_or_else(|_| EnvFilter::new("info"));
-    let (writer, guard) = logfmt::LogWriter::new(Box::new(std::io::stderr()));
+    // A worker thread writes the lines, so no serving thread waits on write(2); it flushes
+    // its buffer whenever the queue runs dry, so a burst goes out in few writes and a quiet
+    // gateway's lines at once. Not lossy: under a log destination too slow for the queued
+    // lines, logging waits, as nginx's does, rather than dropping access lines.
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        // Its queue's slots are allocated up front: 16k lines take 0.5 MB, the default
+        // 128k took 4 MB.
+        .buffered_lines_limit(16 * 1024)
+        .thread_name("log-writer")
+        .finish(std::io::BufWriter::with_capacity(
+            64 * 1024,
+            std::io::stderr(),
+        ));
     let json = format == LogFormat::Json;
     let general = tracing_subscriber::fmt::layer()
         .with_writer(writer.clone())
@@ -314,9 +328,8 @@ fn runtime() -> Result<tokio::runtime::Runtime, MainError> {
         tracing::debug!(error = %e, "jemalloc background threads unavailable");
     }
     // And they do it after 1 s rather than jemalloc's 10 s: the 16 KB read buffers hyper frees
-    // when connections are parked otherwise stay resident for 10 s after a wave of clients.
-    // Measured with 10,000 idle TLS connections: 77 MB two seconds after the last one opened,
-    // against 97 MB (83 MB only after ten seconds); no throughput difference under load.
+    // when connections are parked otherwise stay resident for 10 s after a wave of clients, at
+    // no throughput cost (docs/performance.md).
     set_dirty_decay_ms(1000);
     // One worker: connections are served on the serving threads (`workers`); this runtime
     // only accepts, reloads and answers the admin endpoint.

@@ -1,7 +1,8 @@
 //! The access log's own formatter: a tracing layer that writes the `access` events (human
 //! text, or one JSON object per line) straight into the log writer. tracing-subscriber's
-//! general formatter cost the access log 15-19% of throughput under load; this one formats
-//! each line in a reused buffer, with the date part of the timestamp cached per second.
+//! general formatter cost too much throughput for a line per request (docs/performance.md);
+//! this one formats each line in a reused buffer, with the date part of the timestamp cached
+//! per second.
 
 use std::cell::RefCell;
 use std::fmt::Write as _;
@@ -230,115 +231,5 @@ mod tests {
         timestamp(&mut s);
         assert_eq!(s.len(), "2026-11-26T14:33:55.251726Z".len(), "{s}");
         assert!(s.ends_with('Z') && s.as_bytes()[10] == b'T', "{s}");
-    }
-}
-
-/// Buffered log output, as nginx's `access_log ... buffer=64k flush=100ms`: lines are appended
-/// to a shared buffer; it is written out when it passes 64 KiB, and by a flusher thread every
-/// 100 ms, so a quiet gateway's lines still appear promptly. Dropping the [`FlushGuard`]
-/// writes what is left.
-#[derive(Clone)]
-pub struct LogWriter {
-    shared: std::sync::Arc<LogBuffer>,
-}
-
-struct LogBuffer {
-    buf: std::sync::Mutex<Vec<u8>>,
-    out: std::sync::Mutex<Box<dyn std::io::Write + Send>>,
-    stop: std::sync::atomic::AtomicBool,
-}
-
-/// Flushes the last lines when dropped (at the end of `main`).
-pub struct FlushGuard {
-    shared: std::sync::Arc<LogBuffer>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-const FLUSH_AT: usize = 64 * 1024;
-const FLUSH_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
-
-impl LogBuffer {
-    fn lock_buf(&self) -> std::sync::MutexGuard<'_, Vec<u8>> {
-        self.buf.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn write_out(&self, bytes: &[u8]) {
-        if bytes.is_empty() {
-            return;
-        }
-        let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
-        // A closed or full log destination must not take the gateway down: drop the lines.
-        let _ = out.write_all(bytes);
-        let _ = out.flush();
-    }
-
-    fn flush(&self) {
-        let pending = std::mem::take(&mut *self.lock_buf());
-        self.write_out(&pending);
-    }
-}
-
-impl LogWriter {
-    /// Buffered output to `out`, with its flusher thread.
-    pub fn new(out: Box<dyn std::io::Write + Send>) -> (LogWriter, FlushGuard) {
-        let shared = std::sync::Arc::new(LogBuffer {
-            buf: std::sync::Mutex::new(Vec::with_capacity(FLUSH_AT * 2)),
-            out: std::sync::Mutex::new(out),
-            stop: std::sync::atomic::AtomicBool::new(false),
-        });
-        let s = shared.clone();
-        let thread = std::thread::Builder::new()
-            .name("log-flush".into())
-            .spawn(move || {
-                while !s.stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    std::thread::sleep(FLUSH_EVERY);
-                    s.flush();
-                }
-            })
-            .ok();
-        (
-            LogWriter {
-                shared: shared.clone(),
-            },
-            FlushGuard { shared, thread },
-        )
-    }
-}
-
-impl Drop for FlushGuard {
-    fn drop(&mut self) {
-        self.shared
-            .stop
-            .store(true, std::sync::atomic::Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        self.shared.flush();
-    }
-}
-
-impl std::io::Write for LogWriter {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        let full = {
-            let mut buf = self.shared.lock_buf();
-            buf.extend_from_slice(bytes);
-            (buf.len() >= FLUSH_AT)
-                .then(|| std::mem::replace(&mut *buf, Vec::with_capacity(FLUSH_AT * 2)))
-        };
-        if let Some(full) = full {
-            self.shared.write_out(&full);
-        }
-        Ok(bytes.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'w> MakeWriter<'w> for LogWriter {
-    type Writer = LogWriter;
-    fn make_writer(&'w self) -> LogWriter {
-        self.clone()
     }
 }

@@ -1,12 +1,11 @@
 //! Forwarding to the webmail backend: a pooled HTTP/1.1 client, proxy headers, streaming bodies
 //! both ways, Upgrade (WebSocket) pass-through and the connect/response timeouts.
 
-use std::cell::RefCell;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::future::Either;
@@ -14,7 +13,6 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
-use tokio::time::{Instant, Sleep};
 
 use crate::config::{Backend, Limits};
 use crate::upstream::body::RequestBody;
@@ -138,7 +136,7 @@ impl Upstream {
     /// (`'static`), so that a caller can make it before its own future and keep it there once.
     /// The request itself is kept only in the pool's future: every copy of it in a future
     /// makes hyper's stream future larger, and that is copied whole, into memory last written
-    /// hundreds of requests before, when the stream starts (benches/load/README.md).
+    /// hundreds of requests before, when the stream starts (docs/performance.md).
     pub fn forward(
         &self,
         mut req: Request<RequestBody>,
@@ -157,9 +155,8 @@ impl Upstream {
                     .await
                     .map_err(ForwardError::ClientBody)?;
                 Sending {
-                    sent: Pool::send(entered, req),
+                    sent: tokio::time::timeout(timeout, Pool::send(entered, req)),
                     timeout,
-                    timer: None,
                     client_upgrade,
                 }
                 .await
@@ -167,17 +164,16 @@ impl Upstream {
                 as Pin<Box<dyn Future<Output = _> + Send>>));
         }
         Either::Right(Either::Left(Sending {
-            sent: Pool::send(entered, req),
+            sent: tokio::time::timeout(timeout, Pool::send(entered, req)),
             timeout,
-            timer: None,
             client_upgrade,
         }))
     }
 
     /// `forward`'s first half: makes `req` the request the backend gets, and returns a place
     /// among `backend_max_in_flight` and the client's side of an upgrade it asks for. In
-    /// place, not taken apart and rebuilt: the request (about 270 bytes) is copied on every
-    /// move, and it already moves several times on its way to the backend.
+    /// place, not taken apart and rebuilt: the request is copied on every move, and it
+    /// already moves several times on its way to the backend.
     fn prepare(
         &self,
         req: &mut Request<RequestBody>,
@@ -214,10 +210,8 @@ pin_project_lite::pin_project! {
     /// and as awaited).
     struct Sending<F> {
         #[pin]
-        sent: F,
+        sent: tokio::time::Timeout<F>,
         timeout: Duration,
-        // Armed on the first poll, as `tokio::time::timeout` does.
-        timer: Option<ResponseTimer>,
         client_upgrade: Option<OnUpgrade>,
     }
 }
@@ -230,18 +224,10 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        // The response is polled first, as `tokio::time::timeout` does.
         let sent = match this.sent.poll(cx) {
-            Poll::Ready(out) => out,
-            Poll::Pending => {
-                let timeout = *this.timeout;
-                let timer = this
-                    .timer
-                    .get_or_insert_with(|| ResponseTimer::until(Instant::now() + timeout));
-                return timer
-                    .poll_expired(cx)
-                    .map(|()| Err(ForwardError::Timeout(timeout)));
-            }
+            Poll::Ready(Ok(out)) => out,
+            Poll::Ready(Err(_)) => return Poll::Ready(Err(ForwardError::Timeout(*this.timeout))),
+            Poll::Pending => return Poll::Pending,
         };
         let mut resp = match sent {
             Err(e) if e.is_connect() => return Poll::Ready(Err(ForwardError::Unreachable(e))),
@@ -272,71 +258,6 @@ where
             resp.body_mut().responded();
         }
         Poll::Ready(Ok(resp))
-    }
-}
-
-/// Spare response timers kept per serving thread: as many as requests once in flight there.
-const MAX_SPARE_TIMERS: usize = 1024;
-
-thread_local! {
-    /// This serving thread's spare timers, all of its own runtime (see [`ResponseTimer`]).
-    static SPARE_TIMERS: RefCell<Vec<Pin<Box<Sleep>>>> = const { RefCell::new(Vec::new()) };
-}
-
-/// The response timeout of one request, on a timer reused from request to request.
-///
-/// A fresh `tokio::time::timeout` puts a timer into the runtime's timer wheel on its first
-/// poll and takes it out when dropped. A spare timer is moved to a later deadline with one
-/// compare-and-swap, and tokio moves it in the wheel only when the old deadline comes:
-/// 270 instructions fewer per request in all (callgrind, `benches/load/instructions.sh`).
-/// Serving threads keep spares, each of its own thread's runtime. Elsewhere (tests on a
-/// multi-thread runtime, which may end while the thread lives on) each request gets a fresh
-/// timer.
-struct ResponseTimer(Option<Pin<Box<Sleep>>>);
-
-impl ResponseTimer {
-    fn until(deadline: Instant) -> ResponseTimer {
-        let spare = crate::shard::shard()
-            .ne(&0)
-            .then(|| SPARE_TIMERS.with(|s| s.borrow_mut().pop()))
-            .flatten();
-        let sleep = match spare {
-            Some(mut s) => {
-                s.as_mut().reset(deadline);
-                s
-            }
-            None => Box::pin(tokio::time::sleep_until(deadline)),
-        };
-        ResponseTimer(Some(sleep))
-    }
-
-    /// Ready once the deadline has passed.
-    fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        match self.0.as_mut() {
-            Some(sleep) => sleep.as_mut().poll(cx),
-            None => Poll::Pending,
-        }
-    }
-}
-
-impl Drop for ResponseTimer {
-    fn drop(&mut self) {
-        let Some(mut sleep) = self.0.take() else {
-            return;
-        };
-        if crate::shard::shard() == 0 {
-            return;
-        }
-        // Swap the request's waker for one that does nothing: kept, it would hold on to the
-        // finished request's task, and be woken when the old deadline comes.
-        let mut cx = Context::from_waker(Waker::noop());
-        let _ = Pin::new(&mut tokio::task::unconstrained(sleep.as_mut())).poll(&mut cx);
-        let _ = SPARE_TIMERS.try_with(|s| {
-            let mut spare = s.borrow_mut();
-            if spare.len() < MAX_SPARE_TIMERS {
-                spare.push(sleep);
-            }
-        });
     }
 }
 
@@ -422,7 +343,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// Calls `f` with each header that `Connection` values name, which are hop-by-hop too.
 /// `close`, `keep-alive` and `upgrade`, nearly all that is ever sent, are skipped: they name no
 /// header left to remove, and only other tokens need a HeaderName built (an allocation). Plain
-/// loops: an iterator chain here cost 200 instructions per request more.
+/// loops: an iterator chain here cost more per request (docs/performance.md).
 fn named_by_connection<'v>(
     values: impl IntoIterator<Item = &'v HeaderValue>,
     mut f: impl FnMut(HeaderName),
@@ -495,7 +416,7 @@ pub fn peer_parts(peer: SocketAddr) -> (HeaderValue, Forwarded) {
 /// One connection's `Forwarded` header (RFC 7239). Its `for=` and `proto=` are the
 /// connection's, and its `host=` rarely changes from one request to the next, so the value
 /// last built is kept and used again while they stay the same: building it (a string, then
-/// a header value checked byte by byte) cost 400 instructions per request.
+/// a header value checked byte by byte) is not cheap (docs/performance.md).
 pub struct Forwarded {
     for_part: Box<str>,
     /// `https`, the authority, and the value built for them.
@@ -578,7 +499,7 @@ fn role(name: &HeaderName) -> Role {
 ///
 /// A new map sized for all of them, filled in one pass over the client's: the client's own
 /// map, sized for its headers, grew on nearly every request when the proxy headers went in
-/// (a reallocation and a rehash, 900 instructions), and was scanned once more for the
+/// (a reallocation and a rehash: docs/performance.md), and was scanned once more for the
 /// hop-by-hop names.
 fn backend_headers(
     from_client: HeaderMap,

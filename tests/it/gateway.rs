@@ -385,8 +385,8 @@ async fn backend_unreachable_is_502_and_slow_is_504() {
         true,
     )
     .await;
-    // Fast requests first: the serving thread reuses their timers for the slow ones, moved to
-    // a later deadline (`forward::ResponseTimer`), and those must still fire.
+    // Fast requests first, then slow ones on the same connection: each request's response
+    // timeout is its own, and the slow ones' must fire.
     for _ in 0..3 {
         let r = c.get("webmail.example.net", "/slow?ms=10").await;
         assert_eq!(r.status, StatusCode::OK);
@@ -760,7 +760,7 @@ async fn past_backend_max_in_flight_a_request_is_answered_503_until_a_place_is_f
 }
 
 // The streams of an HTTP/2 connection are polled by the connection's own task
-// (src/streams.rs); none of them may wait for another.
+// (src/serve/h2/streams.rs); none of them may wait for another.
 #[tokio::test]
 async fn http2_streams_on_one_connection_do_not_wait_for_each_other() {
     let (_backend, _f, gw, send) = h2_gateway().await;
