@@ -3,8 +3,8 @@
 //! ArcSwap store; an invalid result is logged and the last good table keeps serving.
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use notify::{EventKind, RecursiveMode, Watcher};
@@ -89,12 +89,56 @@ pub fn reload_now(gw: &Gateway) -> Result<u64, Vec<ConfigError>> {
 
 /// The folders to watch for a configuration: gateway.toml's own, tenants and certs.
 fn folders(gw: &Gateway) -> BTreeSet<PathBuf> {
-    let snap = gw.live.load();
-    let s = &snap.table.settings;
-    let own = crate::config::config_dir(&gw.config_path);
-    [own, s.tenants_dir.clone(), s.certs_dir.clone()]
+    let w = Watched::of(gw);
+    [w.config_dir, w.tenants_dir, w.certs_dir]
         .into_iter()
         .collect()
+}
+
+/// The files a reload reads, by folder: a change to anything else in the watched folders (a
+/// log file, an editor's swap file, a backup) starts no reload. The folders are the ones
+/// `folders` watches, in the same form, so event paths compare as they are.
+#[derive(Debug, Clone, PartialEq)]
+struct Watched {
+    config_dir: PathBuf,
+    config_name: std::ffi::OsString,
+    tenants_dir: PathBuf,
+    certs_dir: PathBuf,
+}
+
+impl Watched {
+    fn of(gw: &Gateway) -> Watched {
+        let snap = gw.live.load();
+        let s = &snap.table.settings;
+        Watched {
+            config_dir: crate::config::config_dir(&gw.config_path),
+            config_name: gw.config_path.file_name().unwrap_or_default().to_owned(),
+            tenants_dir: s.tenants_dir.clone(),
+            certs_dir: s.certs_dir.clone(),
+        }
+    }
+
+    /// Whether a change at `path` may change the configuration: gateway.toml, a tenant file
+    /// (`*.toml`, not hidden), any file in the certificates folder that is not hidden, a
+    /// watched folder itself, or Kubernetes' `..data` and `..<timestamp>` entries, whose swap
+    /// replaces every file of a mounted volume at once.
+    fn relevant(&self, path: &Path) -> bool {
+        let Some(name) = path.file_name() else {
+            return true;
+        };
+        let text = name.to_string_lossy();
+        if text.starts_with("..") {
+            return true;
+        }
+        if [&self.config_dir, &self.tenants_dir, &self.certs_dir].contains(&&path.to_path_buf()) {
+            return true;
+        }
+        let parent = path.parent();
+        let hidden = text.starts_with('.');
+        (parent == Some(self.config_dir.as_path()) && name == self.config_name)
+            || (parent == Some(self.tenants_dir.as_path()) && !hidden && text.ends_with(".toml"))
+            || (parent == Some(self.certs_dir.as_path()) && !hidden)
+    }
 }
 
 /// The watcher and SIGHUP listener, set up before the gateway reports itself started, so no
@@ -104,6 +148,8 @@ pub struct Reloader {
     rx: mpsc::UnboundedReceiver<()>,
     watcher: Option<notify::RecommendedWatcher>,
     watched: BTreeSet<PathBuf>,
+    /// What the watcher's events are matched against; updated after each reload.
+    relevant: Arc<RwLock<Watched>>,
 }
 
 impl Reloader {
@@ -111,8 +157,13 @@ impl Reloader {
     pub fn new(gw: Arc<Gateway>) -> Reloader {
         let (tx, rx) = mpsc::unbounded_channel::<()>();
         let fs_tx = tx.clone();
+        let relevant = Arc::new(RwLock::new(Watched::of(&gw)));
+        let files = relevant.clone();
         let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+            let read = files.read().unwrap_or_else(|p| p.into_inner());
             match res {
+                // None of the files a reload reads.
+                Ok(ev) if !ev.paths.is_empty() && !ev.paths.iter().any(|p| read.relevant(p)) => {}
                 // Reads change nothing; everything else (writes, creates, renames, deletes,
                 // symlink swaps, attribute changes) may.
                 Ok(ev)
@@ -152,6 +203,7 @@ impl Reloader {
             rx,
             watcher,
             watched: BTreeSet::new(),
+            relevant,
             gw,
         };
         let wanted = folders(&r.gw);
@@ -171,6 +223,7 @@ async fn run(r: Reloader, mut stop: watch::Receiver<bool>) {
         mut rx,
         mut watcher,
         mut watched,
+        relevant,
     } = r;
     loop {
         tokio::select! {
@@ -191,6 +244,7 @@ async fn run(r: Reloader, mut stop: watch::Receiver<bool>) {
         }
         let g = gw.clone();
         let _ = tokio::task::spawn_blocking(move || reload_now(&g)).await;
+        *relevant.write().unwrap_or_else(|p| p.into_inner()) = Watched::of(&gw);
         rewatch(&mut watcher, &mut watched, folders(&gw));
     }
 }
@@ -224,4 +278,41 @@ fn rewatch(
         }
     }
     *watched = now;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_files_a_reload_reads_are_relevant() {
+        let w = Watched {
+            config_dir: PathBuf::from("/etc/lg"),
+            config_name: "gateway.toml".into(),
+            tenants_dir: PathBuf::from("/etc/lg/tenants"),
+            certs_dir: PathBuf::from("/etc/lg/../certs"),
+        };
+        for yes in [
+            "/etc/lg/gateway.toml",
+            "/etc/lg/tenants/example.net.toml",
+            "/etc/lg/../certs/example.net.pem",
+            "/etc/lg/../certs/chain.crt",
+            "/etc/lg/..data",
+            "/etc/lg/tenants/..2026_12_08_01_02_03.123",
+            "/etc/lg/tenants",
+        ] {
+            assert!(w.relevant(Path::new(yes)), "{yes}");
+        }
+        for no in [
+            "/etc/lg/gateway.log",
+            "/etc/lg/.gateway.toml.swp",
+            "/etc/lg/gateway.toml~",
+            "/etc/lg/other.toml",
+            "/etc/lg/tenants/.example.net.toml.swp",
+            "/etc/lg/tenants/notes.txt",
+            "/etc/lg/../certs/.hidden.pem",
+        ] {
+            assert!(!w.relevant(Path::new(no)), "{no}");
+        }
+    }
 }

@@ -75,6 +75,41 @@ async fn in_place_and_editor_writes_are_picked_up() {
     gw.stop().await.expect("gateway task");
 }
 
+/// Files a reload does not read (a log written beside gateway.toml, an editor's swap file, a
+/// tenant folder's notes, a hidden file among the certificates) start no reload: only the
+/// real change does, so the generation goes from 1 to exactly 2.
+#[tokio::test]
+async fn files_a_reload_does_not_read_start_no_reload() {
+    let backend = Backend::start().await;
+    let f = Fixture::new(&backend.url(), "");
+    let gw = f.start().await;
+    assert_eq!(generation(&gw), 1);
+    let noise = [
+        f.path().join("gateway.log"),
+        f.path().join(".gateway.toml.swp"),
+        f.path().join("tenants/README.txt"),
+        f.path().join("certs/.staging"),
+    ];
+    for round in 0..10 {
+        for p in &noise {
+            std::fs::write(p, format!("line {round}\n")).expect("write noise");
+        }
+    }
+    // Quiet for four times the debounce, so that a reload the noise had started would be
+    // over (and counted) before the real change starts its own.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    f.write_tenant(
+        "example.org",
+        &EXAMPLE_ORG.replace("enabled = true", "enabled = false"),
+    );
+    assert!(
+        becomes(&gw, "webmail.example.org", StatusCode::FORBIDDEN).await,
+        "the tenant change"
+    );
+    assert_eq!(generation(&gw), 2, "files no reload reads caused reloads");
+    gw.stop().await.expect("gateway task");
+}
+
 /// A connection that stays open sees each reload: its requests are not decided once for the
 /// connection's life (the gateway reuses the last forward decision only within one
 /// configuration generation).
