@@ -17,8 +17,8 @@ fn metric(text: &str, line_start: &str) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
-#[tokio::test]
-async fn health_metrics_and_status() {
+/// The gateway in front of a backend, with its admin listener on a port of its own.
+async fn with_admin() -> (Backend, Fixture, logon_gate::serve::Running) {
     let backend = Backend::start().await;
     let f = Fixture::new(&backend.url(), "");
     let text = std::fs::read_to_string(f.gateway_toml())
@@ -26,6 +26,12 @@ async fn health_metrics_and_status() {
         .replace("admin = \"\"", "admin = \"127.0.0.1:0\"");
     std::fs::write(f.gateway_toml(), text).expect("write");
     let gw = f.start().await;
+    (backend, f, gw)
+}
+
+#[tokio::test]
+async fn health_metrics_and_status() {
+    let (_backend, f, gw) = with_admin().await;
     let admin = gw.admin.expect("admin listener");
 
     let r = admin_get(admin, "/healthz").await;
@@ -155,13 +161,7 @@ async fn health_metrics_and_status() {
 /// the first scrape, so that `rate()` and alerts see its first increase.
 #[tokio::test]
 async fn known_series_are_zero_before_any_event() {
-    let backend = Backend::start().await;
-    let f = Fixture::new(&backend.url(), "");
-    let text = std::fs::read_to_string(f.gateway_toml())
-        .expect("read")
-        .replace("admin = \"\"", "admin = \"127.0.0.1:0\"");
-    std::fs::write(f.gateway_toml(), text).expect("write");
-    let gw = f.start().await;
+    let (_backend, _f, gw) = with_admin().await;
     let m = admin_get(gw.admin.expect("admin listener"), "/metrics")
         .await
         .text();
