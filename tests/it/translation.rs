@@ -6,7 +6,7 @@
 
 use std::path::PathBuf;
 
-use crate::support::peers::{Peer, curl, h2_request};
+use crate::support::peers::{self, Peer, curl, h2_request};
 use crate::support::*;
 
 /// The gateway in front of `backend`, and the test CA's PEM file for the clients.
@@ -17,6 +17,25 @@ async fn gateway(backend: &str) -> (Fixture, logon_gate::serve::Running, PathBuf
     let gw = f.start().await;
     let port = gw.https.expect("https").port();
     (f, gw, ca, port)
+}
+
+/// An HTTP/2 GET of `path` on webmail.example.net, with `extra` fields after the
+/// pseudo-headers.
+async fn h2_get(
+    port: u16,
+    ca: &std::path::Path,
+    path: &str,
+    extra: &[(&str, &str)],
+) -> peers::H2Answer {
+    let authority = format!("webmail.example.net:{port}");
+    let mut h = vec![
+        (":method", "GET"),
+        (":scheme", "https"),
+        (":authority", authority.as_str()),
+        (":path", path),
+    ];
+    h.extend_from_slice(extra);
+    h2_request(port, "webmail.example.net", ca, &h, &[], false).await
 }
 
 /// The requests `tests/peers/backend.py` has received: (path, complete).
@@ -60,22 +79,15 @@ fn received(echo: &serde_json::Value, name: &str) -> Vec<String> {
 async fn h2_cookie_crumbs_reach_php_as_separate_cookies() {
     let php = Peer::php(&crate::support::peers::peers_dir().join("cookies.php"));
     let (_f, _gw, ca, port) = gateway(&php.url()).await;
-    let authority = format!("webmail.example.net:{port}");
-    let a = h2_request(
+    let a = h2_get(
         port,
-        "webmail.example.net",
         &ca,
+        "/",
         &[
-            (":method", "GET"),
-            (":scheme", "https"),
-            (":authority", &authority),
-            (":path", "/"),
             ("cookie", "roundcube_sessid=abc"),
             ("cookie", "roundcube_sessauth=xyz"),
             ("cookie", "lang=en"),
         ],
-        &[],
-        false,
     )
     .await;
     assert_eq!(a.status, Some(200), "{a:?}");
@@ -119,7 +131,6 @@ async fn h2_cookie_crumbs_reach_php_as_separate_cookies() {
 async fn h2_connection_specific_fields_make_the_request_malformed() {
     let backend = Peer::python_backend();
     let (_f, _gw, ca, port) = gateway(&backend.url()).await;
-    let authority = format!("webmail.example.net:{port}");
     let fields = [
         ("connection", "keep-alive"),
         ("keep-alive", "timeout=5"),
@@ -130,40 +141,12 @@ async fn h2_connection_specific_fields_make_the_request_malformed() {
     ];
     for (i, (name, value)) in fields.iter().enumerate() {
         let path = format!("/echo?malformed={i}");
-        let a = h2_request(
-            port,
-            "webmail.example.net",
-            &ca,
-            &[
-                (":method", "GET"),
-                (":scheme", "https"),
-                (":authority", &authority),
-                (":path", &path),
-                (name, value),
-            ],
-            &[],
-            false,
-        )
-        .await;
+        let a = h2_get(port, &ca, &path, &[(name, value)]).await;
         assert_eq!(a.status, None, "{name}: {a:?}");
         assert_eq!(a.reset.as_deref(), Some("PROTOCOL_ERROR"), "{name}: {a:?}");
     }
     // TE: trailers is allowed; TE is hop-by-hop on the HTTP/1.1 side, so it stops here.
-    let a = h2_request(
-        port,
-        "webmail.example.net",
-        &ca,
-        &[
-            (":method", "GET"),
-            (":scheme", "https"),
-            (":authority", &authority),
-            (":path", "/echo?te"),
-            ("te", "trailers"),
-        ],
-        &[],
-        false,
-    )
-    .await;
+    let a = h2_get(port, &ca, "/echo?te", &[("te", "trailers")]).await;
     assert_eq!(a.status, Some(200), "{a:?}");
     let echo: serde_json::Value = serde_json::from_str(&a.body).expect("echo JSON");
     assert!(received(&echo, "te").is_empty(), "{echo}");
@@ -507,22 +490,7 @@ async fn continue_and_early_hints_end_in_the_final_response() {
 async fn backend_trailers_reach_the_client() {
     let backend = Peer::python_backend();
     let (_f, _gw, ca, port) = gateway(&backend.url()).await;
-    let authority = format!("webmail.example.net:{port}");
-    let a = h2_request(
-        port,
-        "webmail.example.net",
-        &ca,
-        &[
-            (":method", "GET"),
-            (":scheme", "https"),
-            (":authority", &authority),
-            (":path", "/trailers"),
-            ("te", "trailers"),
-        ],
-        &[],
-        false,
-    )
-    .await;
+    let a = h2_get(port, &ca, "/trailers", &[("te", "trailers")]).await;
     assert_eq!((a.status, a.body.as_str()), (Some(200), "hello"), "{a:?}");
     assert_eq!(
         a.trailers,
@@ -532,21 +500,7 @@ async fn backend_trailers_reach_the_client() {
 
     // A hop-by-hop field among them goes (RFC 9110 §7.6.1), and the HTTP/2 stream is not
     // reset over it (RFC 9113 §8.2.2).
-    let a = h2_request(
-        port,
-        "webmail.example.net",
-        &ca,
-        &[
-            (":method", "GET"),
-            (":scheme", "https"),
-            (":authority", &authority),
-            (":path", "/trailers-hop"),
-            ("te", "trailers"),
-        ],
-        &[],
-        false,
-    )
-    .await;
+    let a = h2_get(port, &ca, "/trailers-hop", &[("te", "trailers")]).await;
     assert_eq!((a.status, a.reset.as_deref()), (Some(200), None), "{a:?}");
     assert_eq!(
         a.trailers,
