@@ -117,6 +117,52 @@ pub struct RawGateway {
     pub paths: RawPaths,
     #[serde(default)]
     pub limits: RawLimits,
+    /// SPEC §5: certificates ordered from an ACME CA; absent, nothing is ordered.
+    pub acme: Option<Spanned<RawAcme>>,
+}
+
+/// `[acme]` as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAcme {
+    pub directory: Spanned<String>,
+    #[serde(default)]
+    pub contact: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub challenges: Option<Vec<Spanned<String>>>,
+    #[serde(default)]
+    pub storage: Option<String>,
+    #[serde(default)]
+    pub directory_ca: Option<Spanned<String>>,
+    #[serde(default)]
+    pub eab_kid: Option<String>,
+    #[serde(default)]
+    pub eab_hmac_key: Option<String>,
+}
+
+/// Validated `[acme]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Acme {
+    /// The CA's directory URL.
+    pub directory: String,
+    /// `mailto:` URLs for the account.
+    pub contact: Vec<String>,
+    /// Challenges answered; `http-01` on the HTTP listener.
+    pub http01: bool,
+    pub tls_alpn01: bool,
+    /// Account key and issued certificates (`certs/`), resolved against the config folder.
+    pub storage: PathBuf,
+    /// A PEM file trusted for the directory's HTTPS instead of the system's roots.
+    pub directory_ca: Option<PathBuf>,
+    /// External Account Binding: key id and base64url HMAC key.
+    pub eab: Option<(String, String)>,
+}
+
+impl Acme {
+    /// Where issued certificates are kept (chain and key in one file per host, 0600).
+    pub fn certs_dir(&self) -> PathBuf {
+        self.storage.join("certs")
+    }
 }
 
 fn default_true() -> bool {
@@ -260,6 +306,7 @@ pub struct Settings {
     pub tenants_dir: PathBuf,
     pub certs_dir: PathBuf,
     pub limits: Limits,
+    pub acme: Option<Acme>,
 }
 
 /// Listener addresses; `None` is a listener turned off.
@@ -434,6 +481,10 @@ pub fn load_gateway(src: &Source) -> Result<(Settings, Vec<Spanned<String>>), Ve
 
     let tenants_dir = config_dir.join(raw.paths.tenants.as_deref().unwrap_or("tenants"));
     let certs_dir = config_dir.join(raw.paths.certs.as_deref().unwrap_or("../certs"));
+    let acme = raw
+        .acme
+        .as_ref()
+        .and_then(|a| parse_acme(src, &config_dir, a.get_ref(), &mut errors));
 
     match (cname_target, backend) {
         (Some(cname_target), Some(backend)) if errors.is_empty() => Ok((
@@ -446,11 +497,89 @@ pub fn load_gateway(src: &Source) -> Result<(Settings, Vec<Spanned<String>>), Ve
                 tenants_dir,
                 certs_dir,
                 limits,
+                acme,
             },
             raw.platform.hosts,
         )),
         _ => Err(errors),
     }
+}
+
+/// `[acme]`, checked: an http(s) directory URL, `mailto:` contacts, known challenges, a
+/// readable `directory_ca`, an EAB pair given whole.
+fn parse_acme(
+    src: &Source,
+    config_dir: &Path,
+    raw: &RawAcme,
+    errors: &mut Vec<ConfigError>,
+) -> Option<Acme> {
+    let before = errors.len();
+    let directory = raw.directory.get_ref().trim().to_owned();
+    match directory.parse::<http::Uri>() {
+        Ok(u) if matches!(u.scheme_str(), Some("https" | "http")) && u.host().is_some() => {}
+        _ => errors.push(src.error_at(
+            raw.directory.span(),
+            format!("acme.directory: `{directory}` is not an http(s) URL"),
+        )),
+    }
+    let mut contact = Vec::new();
+    for c in &raw.contact {
+        match c.get_ref().strip_prefix("mailto:") {
+            Some(addr) if addr.contains('@') => contact.push(c.get_ref().clone()),
+            _ => errors.push(src.error_at(
+                c.span(),
+                format!("acme.contact: `{}` is not a mailto: address", c.get_ref()),
+            )),
+        }
+    }
+    let (mut http01, mut tls_alpn01) = (raw.challenges.is_none(), raw.challenges.is_none());
+    for ch in raw.challenges.iter().flatten() {
+        match ch.get_ref().as_str() {
+            "http-01" => http01 = true,
+            "tls-alpn-01" => tls_alpn01 = true,
+            other => errors.push(src.error_at(
+                ch.span(),
+                format!("acme.challenges: `{other}` is not http-01 or tls-alpn-01"),
+            )),
+        }
+    }
+    let directory_ca = raw
+        .directory_ca
+        .as_ref()
+        .filter(|p| !p.get_ref().is_empty())
+        .and_then(|p| {
+            let path = config_dir.join(p.get_ref());
+            match std::fs::read(&path) {
+                Ok(_) => Some(path),
+                Err(e) => {
+                    errors.push(src.error_at(
+                        p.span(),
+                        format!("acme.directory_ca: cannot read {}: {e}", path.display()),
+                    ));
+                    None
+                }
+            }
+        });
+    let eab = match (raw.eab_kid.as_deref(), raw.eab_hmac_key.as_deref()) {
+        (None | Some(""), None | Some("")) => None,
+        (Some(k), Some(h)) if !k.is_empty() && !h.is_empty() => Some((k.to_owned(), h.to_owned())),
+        _ => {
+            errors.push(src.error_at(
+                raw.directory.span(),
+                "acme: eab_kid and eab_hmac_key go together",
+            ));
+            None
+        }
+    };
+    (errors.len() == before).then(|| Acme {
+        directory,
+        contact,
+        http01,
+        tls_alpn01,
+        storage: config_dir.join(raw.storage.as_deref().unwrap_or("../acme")),
+        directory_ca,
+        eab,
+    })
 }
 
 /// `v` when it lies in `min..=max`; else an error naming `key` (and `None`, as when absent).
@@ -647,6 +776,48 @@ mod tests {
             "{}",
             errs[0]
         );
+    }
+
+    #[test]
+    fn acme_keys_are_checked() {
+        let base =
+            "cname_target = \"logon.provider.test\"\n[backend]\nurl = \"http://127.0.0.1:8080\"\n";
+        let ok = format!(
+            "{base}[acme]\ndirectory = \"https://ca.test/dir\"\ncontact = [\"mailto:ops@provider.test\"]\n"
+        );
+        let (settings, _) = load_gateway(&src(&ok)).expect("valid");
+        let acme = settings.acme.expect("acme");
+        assert!(acme.http01 && acme.tls_alpn01, "both challenges by default");
+        assert!(acme.storage.ends_with("../acme"));
+        for (bad, words) in [
+            ("directory = \"ftp://ca.test/\"", "is not an http(s) URL"),
+            (
+                "directory = \"https://ca.test/dir\"\ncontact = [\"ops@provider.test\"]",
+                "is not a mailto: address",
+            ),
+            (
+                "directory = \"https://ca.test/dir\"\nchallenges = [\"dns-01\"]",
+                "is not http-01 or tls-alpn-01",
+            ),
+            (
+                "directory = \"https://ca.test/dir\"\ndirectory_ca = \"missing.pem\"",
+                "cannot read",
+            ),
+            (
+                "directory = \"https://ca.test/dir\"\neab_kid = \"k\"",
+                "go together",
+            ),
+            (
+                "directory = \"https://ca.test/dir\"\nstorag = \"x\"",
+                "unknown field",
+            ),
+        ] {
+            let errors = load_gateway(&src(&format!("{base}[acme]\n{bad}\n"))).expect_err(bad);
+            assert!(
+                errors.iter().any(|e| e.to_string().contains(words)),
+                "{bad}: {errors:?}"
+            );
+        }
     }
 
     #[test]

@@ -125,17 +125,24 @@ impl Table {
 
         let mut certs_exact: HashMap<Box<str>, Arc<CertEntry>> = HashMap::new();
         let mut certs_wild: HashMap<Box<str>, Arc<CertEntry>> = HashMap::new();
-        for c in &certs {
-            for name in &c.names {
-                let (map, key) = match name.strip_prefix("*.") {
-                    Some(base) => (&mut certs_wild, base),
-                    None => (&mut certs_exact, &**name),
-                };
-                // Two certificates for one name: serve the one that lives longer, as Caddy does.
-                match map.get(key) {
-                    Some(old) if old.not_after >= c.not_after => {}
-                    _ => {
-                        map.insert(key.into(), c.clone());
+        // Uploaded certificates first: one the CA issued serves only names no uploaded one
+        // covers (SPEC §5).
+        let acme_dir = settings.acme.as_ref().map(|a| a.certs_dir());
+        let issued = |c: &CertEntry| acme_dir.as_ref().is_some_and(|d| c.path.starts_with(d));
+        for acme in [false, true] {
+            for c in certs.iter().filter(|c| issued(c) == acme) {
+                for name in &c.names {
+                    let (map, key) = match name.strip_prefix("*.") {
+                        Some(base) => (&mut certs_wild, base),
+                        None => (&mut certs_exact, &**name),
+                    };
+                    // Two certificates of one source for one name: serve the one that lives
+                    // longer, as Caddy does.
+                    match map.get(key) {
+                        Some(old) if issued(old) != acme || old.not_after >= c.not_after => {}
+                        _ => {
+                            map.insert(key.into(), c.clone());
+                        }
                     }
                 }
             }
@@ -293,6 +300,8 @@ type TenantCacheEntry = (
 pub struct Loader {
     provider: Arc<CryptoProvider>,
     certs: CertCache,
+    /// The certificates ACME issued (`[acme] storage`).
+    acme_certs: CertCache,
     tenants: HashMap<PathBuf, TenantCacheEntry>,
     last_require_icp: Option<bool>,
 }
@@ -308,6 +317,7 @@ impl Loader {
         Loader {
             provider,
             certs: CertCache::default(),
+            acme_certs: CertCache::default(),
             tenants: HashMap::new(),
             last_require_icp: None,
         }
@@ -343,7 +353,17 @@ impl Loader {
             self.last_require_icp = Some(settings.require_icp);
         }
         let tenants = self.load_tenants(&settings, overrides, &mut errors);
-        let certs = self.certs.load(&settings.certs_dir, &self.provider);
+        let mut certs = self.certs.load(&settings.certs_dir, &self.provider);
+        if let Some(acme) = &settings.acme {
+            // None issued yet is no error: the folder is made with the first one.
+            let dir = acme.certs_dir();
+            if dir.is_dir() {
+                let issued = self.acme_certs.load(&dir, &self.provider);
+                certs.entries.extend(issued.entries);
+                certs.errors.extend(issued.errors);
+                certs.warnings.extend(issued.warnings);
+            }
+        }
         errors.extend(certs.errors);
         if !errors.is_empty() {
             return Err(errors);

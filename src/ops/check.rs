@@ -6,9 +6,21 @@ use std::path::Path;
 use crate::config::ConfigError;
 use crate::config::table::{Loader, Table};
 
-/// Validates the configuration at `path` and returns the table, or every error found.
+/// Validates the configuration at `path` and returns the table, or every error found. With
+/// `[acme]`, its storage folder must be writable too (the gateway makes it if missing).
 pub fn check(path: &Path) -> Result<Table, Vec<ConfigError>> {
-    Loader::new(crate::config::crypto_provider()).load(path)
+    let table = Loader::new(crate::config::crypto_provider()).load(path)?;
+    if let Some(acme) = &table.settings.acme {
+        let writable = std::fs::create_dir_all(&acme.storage)
+            .and_then(|()| tempfile::tempfile_in(&acme.storage).map(drop));
+        if let Err(e) = writable {
+            return Err(vec![ConfigError::file(
+                path,
+                format!("acme.storage: cannot write {}: {e}", acme.storage.display()),
+            )]);
+        }
+    }
+    Ok(table)
 }
 
 /// The short summary `check` prints for a valid configuration.

@@ -155,7 +155,16 @@ pub fn handle(
     // A browser sends all of a connection's requests to one host: the next request with the
     // same authority, under the same configuration, is forwarded as the last one was, without
     // normalising and looking up its host again.
-    let (plan, label) = {
+    // An ACME CA asking for an http-01 answer, before the host policy and the 308 (the
+    // host is not served over HTTPS until this answer gets it a certificate).
+    let challenge = conn
+        .tls
+        .is_none()
+        .then(|| acme_answer(&conn.gateway, req.uri().path()))
+        .flatten();
+    let (plan, label) = if let Some(answer) = challenge {
+        (Plan::Answer(Box::new(answer)), "acme_challenge")
+    } else {
         let again = (!bad_framing)
             .then(|| sent_authority(&req))
             .flatten()
@@ -320,6 +329,26 @@ impl Conn {
         (last.generation == generation && last.authority.as_bytes() == authority)
             .then(|| (last.authority.clone(), last.tenant.clone()))
     }
+}
+
+/// Where an ACME CA asks for http-01 answers (RFC 8555 §8.3).
+const ACME_CHALLENGE: &str = "/.well-known/acme-challenge/";
+
+/// The key authorization for an http-01 token being validated now, if `path` asks for one.
+fn acme_answer(gw: &Gateway, path: &str) -> Option<Response<Page>> {
+    let token = path.strip_prefix(ACME_CHALLENGE)?;
+    let answer = gw
+        .acme_tokens
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .get(token)
+        .cloned()?;
+    let mut resp = Response::new(Either::Right(Full::new(Bytes::from(answer))));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    Some(resp)
 }
 
 /// Decides a request not decided before on its connection (see `Conn::forwarded_before`),

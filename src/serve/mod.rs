@@ -223,7 +223,9 @@ fn spawn(
     });
     let reloader =
         tokio::spawn(crate::control::reload::Reloader::new(gateway.clone()).run(stop_rx.clone()));
-    let mut others = vec![reloader];
+    // Idle (a look at the table each second) unless `[acme]` is set.
+    let acme = tokio::spawn(crate::control::acme::run(gateway.clone(), stop_rx.clone()));
+    let mut others = vec![reloader, acme];
     others.extend(admin);
     Ok(tokio::spawn(drain(
         gateway, stop_rx, loops, others, graceful, workers,

@@ -42,7 +42,7 @@ pub struct CertLabel {
 }
 
 /// Every decision label, in a fixed order (see `Metrics::request`).
-pub const DECISIONS: [&str; 7] = [
+pub const DECISIONS: [&str; 8] = [
     "forward",
     "redirect_https",
     "not_enabled",
@@ -50,6 +50,7 @@ pub const DECISIONS: [&str; 7] = [
     "wrong_certificate",
     "bad_host",
     "bad_framing",
+    "acme_challenge",
 ];
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 

@@ -1,0 +1,175 @@
+//! ACME against a real ACME server: Debian's Pebble (RFC 8555), started here on loopback with
+//! its own listener certificate, validating http-01 on the gateway's HTTP listener through a
+//! DNS server of the test's that resolves the test names to 127.0.0.1. Needs the `pebble`
+//! package (`.ci/run` installs it), so a bare `cargo test` ignores it.
+
+use std::net::{SocketAddr, TcpListener};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use crate::support::dns::{DnsServer, Rec};
+use crate::support::*;
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+
+/// A loopback port free now (Pebble must be told the gateway's ports before either starts).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Pebble, killed and reaped on drop.
+struct Pebble {
+    child: Child,
+    management: u16,
+}
+
+impl Drop for Pebble {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Pebble {
+    /// Starts Pebble on free loopback ports, validating against `http_port`/`tls_port` on
+    /// 127.0.0.1 (as `dns` resolves every test name), with a listener certificate for
+    /// `localhost` from `f`'s test CA.
+    fn start(f: &mut Fixture, http_port: u16, tls_port: u16, dns: SocketAddr) -> (Pebble, u16) {
+        let listener = f.pki.issue(&["localhost"]).expect("pebble certificate");
+        let dir = f.path().join("pebble");
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        std::fs::write(dir.join("cert.pem"), &listener.cert_pem).expect("write");
+        std::fs::write(dir.join("key.pem"), &listener.key_pem).expect("write");
+        let (port, management) = (free_port(), free_port());
+        let config = serde_json::json!({"pebble": {
+            "listenAddress": format!("127.0.0.1:{port}"),
+            "managementListenAddress": format!("127.0.0.1:{management}"),
+            "certificate": dir.join("cert.pem"),
+            "privateKey": dir.join("key.pem"),
+            "httpPort": http_port,
+            "tlsPort": tls_port,
+            "ocspResponderURL": "",
+            "externalAccountBindingRequired": false,
+        }});
+        std::fs::write(dir.join("pebble.json"), config.to_string()).expect("write");
+        let log = std::fs::File::create(dir.join("pebble.log")).expect("log");
+        let child = Command::new("pebble")
+            .arg("-config")
+            .arg(dir.join("pebble.json"))
+            .arg("-dnsserver")
+            .arg(dns.to_string())
+            .env("PEBBLE_VA_NOSLEEP", "1")
+            .env("PEBBLE_WFE_NONCEREJECT", "0")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start pebble (.ci/run installs it)");
+        (Pebble { child, management }, port)
+    }
+
+    /// The root Pebble signs with, from its management listener.
+    async fn root(&self, f: &Fixture) -> Vec<u8> {
+        let out = tokio::process::Command::new("curl")
+            .args(["-sS", "--cacert"])
+            .arg(f.path().join("ca.pem"))
+            .arg(format!("https://localhost:{}/roots/0", self.management))
+            .kill_on_drop(true)
+            .output()
+            .await
+            .expect("curl");
+        CertificateDer::from_pem_slice(&out.stdout)
+            .unwrap_or_else(|e| {
+                panic!(
+                    "Pebble's root ({e}): {}",
+                    String::from_utf8_lossy(&out.stdout)
+                )
+            })
+            .to_vec()
+    }
+}
+
+/// RFC 8555 §8.3 (http-01) end to end: the enabled address without a certificate
+/// (webmail.example.org) gets one from the CA and is served with it, the chain verifying to
+/// Pebble's root; the enabled address with an uploaded certificate and the disabled one are
+/// never ordered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs pebble and curl: run by .ci/run"]
+async fn an_enabled_address_without_a_certificate_gets_one_over_http01() {
+    let backend = Backend::start().await;
+    let dns = DnsServer::start(&[
+        ("webmail.example.org", Rec::A([127, 0, 0, 1].into())),
+        ("mail.example.net", Rec::A([127, 0, 0, 1].into())),
+    ])
+    .await;
+    let mut f = Fixture::new(&backend.url(), "");
+    std::fs::write(f.path().join("ca.pem"), f.pki.ca_pem()).expect("write CA");
+    let (http_port, https_port) = (free_port(), free_port());
+    let (pebble, port) = Pebble::start(&mut f, http_port, https_port, dns.addr);
+    let acme = format!(
+        "\n[acme]\ndirectory = \"https://localhost:{port}/dir\"\ncontact = [\"mailto:ops@provider.test\"]\nchallenges = [\"http-01\"]\nstorage = \"acme\"\ndirectory_ca = \"ca.pem\"\n"
+    );
+    f.write_gateway(&backend.url(), &acme);
+    let text = std::fs::read_to_string(f.gateway_toml())
+        .expect("read")
+        .replace(
+            "https = \"127.0.0.1:0\"",
+            &format!("https = \"127.0.0.1:{https_port}\""),
+        )
+        .replace(
+            "http  = \"127.0.0.1:0\"",
+            &format!("http  = \"127.0.0.1:{http_port}\""),
+        );
+    std::fs::write(f.gateway_toml(), text).expect("write");
+    let gw = f.start().await;
+    let https = gw.https.expect("https");
+
+    let issued = f.path().join("acme/certs/webmail.example.org.pem");
+    let got = eventually(Duration::from_secs(60), || {
+        let issued = issued.clone();
+        async move { issued.exists() }
+    })
+    .await;
+    let log = std::fs::read_to_string(f.path().join("pebble/pebble.log")).unwrap_or_default();
+    assert!(
+        got,
+        "no certificate issued within 60 s; Pebble said:\n{log}"
+    );
+
+    // Served without a restart, and the chain verifies to Pebble's root.
+    let root = pebble.root(&f).await;
+    let served = eventually(Duration::from_secs(10), || {
+        let root = root.clone();
+        async move {
+            let config = client_config(&root, &[b"http/1.1"], true);
+            tls_connect(https, config, "webmail.example.org")
+                .await
+                .is_ok()
+        }
+    })
+    .await;
+    assert!(
+        served,
+        "the issued certificate is not served, or does not verify to Pebble's root"
+    );
+    let mut c = https_client(https, &root, "webmail.example.org", false).await;
+    assert_eq!(
+        c.get("webmail.example.org", "/").await.status,
+        http::StatusCode::OK
+    );
+
+    // Only what was wanted was ordered: not the disabled address, nor the one with an
+    // uploaded certificate.
+    let names: Vec<String> = std::fs::read_dir(f.path().join("acme/certs"))
+        .expect("acme/certs")
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    assert_eq!(names, ["webmail.example.org.pem"]);
+    // The account is kept for the next start.
+    assert!(f.path().join("acme/account.json").exists());
+    gw.stop().await.expect("gateway task");
+}
