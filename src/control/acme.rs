@@ -79,6 +79,11 @@ pub async fn run(gw: Arc<Gateway>, mut stop: watch::Receiver<bool>) {
                         Err(e) => Err(e),
                     },
                 };
+                let label = if result.is_ok() { "ok" } else { "failed" };
+                gw.metrics
+                    .acme_orders
+                    .get_or_create(&crate::telemetry::metrics::ResultLabel { result: label })
+                    .inc();
                 match result {
                     Ok(()) => {
                         backoff.remove(&host);

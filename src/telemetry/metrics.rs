@@ -62,6 +62,15 @@ pub const HANDSHAKE_RESULTS: [&str; 4] = ["ok", "timeout", "unknown_sni", "proto
 pub const UPSTREAM_ERROR_KINDS: [&str; 4] = ["connect", "timeout", "failed", "busy"];
 /// Every result label of `reloads`.
 pub const RELOAD_RESULTS: [&str; 2] = ["ok", "error"];
+/// Every result label of `acme_orders`.
+pub const ACME_ORDER_RESULTS: [&str; 2] = ["ok", "failed"];
+/// Every source label of `certificates`: installed in certs/, or issued by the ACME CA.
+pub const CERT_SOURCES: [&str; 2] = ["uploaded", "acme"];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabel {
+    pub source: &'static str,
+}
 
 /// All of the gateway's metrics.
 pub struct Metrics {
@@ -80,6 +89,10 @@ pub struct Metrics {
     pub reloads: Family<ResultLabel, Counter>,
     pub generation: Gauge<u64, AtomicU64>,
     pub cert_expiry: Family<CertLabel, Gauge>,
+    /// ACME orders by result (`control::acme`).
+    pub acme_orders: Family<ResultLabel, Counter>,
+    /// Certificates loaded, by source.
+    pub certificates: Family<SourceLabel, Gauge>,
     registry: Registry,
 }
 
@@ -104,6 +117,8 @@ impl Metrics {
             reloads: Family::default(),
             generation: Gauge::default(),
             cert_expiry: Family::default(),
+            acme_orders: Family::default(),
+            certificates: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -161,6 +176,16 @@ impl Metrics {
             "Seconds until each loaded certificate expires",
             m.cert_expiry.clone(),
         );
+        registry.register(
+            "acme_orders",
+            "ACME orders by result",
+            m.acme_orders.clone(),
+        );
+        registry.register(
+            "certificates",
+            "Certificates loaded, by source (uploaded to certs/, or issued by the ACME CA)",
+            m.certificates.clone(),
+        );
         // Every series whose labels are known in advance exists from the start, at 0: a
         // `rate()` or an alert on a series that appears only with its first event misses it.
         for listener in LISTENERS {
@@ -174,6 +199,12 @@ impl Metrics {
         }
         for result in RELOAD_RESULTS {
             let _ = m.reloads.get_or_create(&ResultLabel { result });
+        }
+        for result in ACME_ORDER_RESULTS {
+            let _ = m.acme_orders.get_or_create(&ResultLabel { result });
+        }
+        for source in CERT_SOURCES {
+            let _ = m.certificates.get_or_create(&SourceLabel { source });
         }
         Metrics { registry, ..m }
     }
@@ -201,6 +232,17 @@ impl Metrics {
 
     /// Sets the per-certificate expiry gauges from a table (old files disappear).
     pub fn set_certs(&self, table: &crate::config::table::Table) {
+        let acme = table.settings.acme.as_ref().map(|a| a.certs_dir());
+        let issued = table
+            .certs
+            .iter()
+            .filter(|c| acme.as_ref().is_some_and(|d| c.path.starts_with(d)))
+            .count();
+        for (source, n) in [("uploaded", table.certs.len() - issued), ("acme", issued)] {
+            self.certificates
+                .get_or_create(&SourceLabel { source })
+                .set(n as i64);
+        }
         self.cert_expiry.clear();
         let now = crate::config::certs::unix_now();
         for c in &table.certs {
@@ -343,6 +385,12 @@ mod tests {
         }
         for r in RELOAD_RESULTS {
             want.push(format!("logon_gate_reloads_total{{result=\"{r}\"}} 0"));
+        }
+        for r in ACME_ORDER_RESULTS {
+            want.push(format!("logon_gate_acme_orders_total{{result=\"{r}\"}} 0"));
+        }
+        for s in CERT_SOURCES {
+            want.push(format!("logon_gate_certificates{{source=\"{s}\"}} 0"));
         }
         for (d, c) in DECISIONS
             .iter()

@@ -68,7 +68,20 @@ impl Pebble {
             .stderr(log)
             .spawn()
             .expect("start pebble (.ci/run installs it)");
-        (Pebble { child, management }, port)
+        let mut pebble = Pebble { child, management };
+        // Listening before the gateway's first order (bounded: 10 s).
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Ok(Some(status)) = pebble.child.try_wait() {
+                panic!("pebble exited: {status}");
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "pebble not listening after 10 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        (pebble, port)
     }
 
     /// The root Pebble signs with, from its management listener.
@@ -122,7 +135,8 @@ async fn an_enabled_address_without_a_certificate_gets_one_over_http01() {
         .replace(
             "http  = \"127.0.0.1:0\"",
             &format!("http  = \"127.0.0.1:{http_port}\""),
-        );
+        )
+        .replace("admin = \"\"", "admin = \"127.0.0.1:0\"");
     std::fs::write(f.gateway_toml(), text).expect("write");
     let gw = f.start().await;
     let https = gw.https.expect("https");
@@ -171,5 +185,16 @@ async fn an_enabled_address_without_a_certificate_gets_one_over_http01() {
     assert_eq!(names, ["webmail.example.org.pem"]);
     // The account is kept for the next start.
     assert!(f.path().join("acme/account.json").exists());
+    // What /metrics says of it.
+    let mut admin = http_client(gw.admin.expect("admin listener")).await;
+    let m = admin.get("localhost", "/metrics").await.text();
+    for line in [
+        "logon_gate_acme_orders_total{result=\"ok\"} 1",
+        "logon_gate_acme_orders_total{result=\"failed\"} 0",
+        "logon_gate_certificates{source=\"acme\"} 1",
+        "logon_gate_certificates{source=\"uploaded\"} 3",
+    ] {
+        assert!(m.lines().any(|l| l == line), "{line} missing:\n{m}");
+    }
     gw.stop().await.expect("gateway task");
 }
