@@ -130,6 +130,12 @@ enum CertCmd {
         #[arg(long)]
         force: bool,
     },
+    /// Each logon address's certificate: source (uploaded, acme, none), expiry, ACME state.
+    Status {
+        host: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -149,6 +155,9 @@ fn main() -> ExitCode {
         }) => ops::cert::install(&cli.config, &host, &cert, &key, force)
             .map(|lines| lines.iter().for_each(|l| println!("{l}")))
             .map_err(MainError::from),
+        Command::Cert(CertCmd::Status { host, json }) => {
+            cert_status(&cli.config, host.as_deref(), json)
+        }
         Command::Serve => runtime().and_then(|rt| rt.block_on(serve(cli.config, json))),
         Command::Demo { https, http } => runtime().and_then(|rt| {
             let opts = demo::DemoOptions {
@@ -213,6 +222,17 @@ impl MainError {
 
 fn print(r: Result<String, ops::OpError>) -> Result<(), MainError> {
     r.map(|msg| println!("{msg}")).map_err(MainError::from)
+}
+
+fn cert_status(config: &std::path::Path, host: Option<&str>, json: bool) -> Result<(), MainError> {
+    let rows = ops::cert::status(config, host)?;
+    if json {
+        let text = serde_json::to_string_pretty(&rows).map_err(MainError::Json)?;
+        println!("{text}");
+    } else {
+        print!("{}", ops::cert::render_status(&rows));
+    }
+    Ok(())
 }
 
 fn tenant(config: &std::path::Path, cmd: TenantCmd) -> Result<(), MainError> {

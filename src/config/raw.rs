@@ -140,6 +140,10 @@ pub struct RawAcme {
     pub eab_hmac_key: Option<String>,
 }
 
+/// The file in `[acme] storage` where the gateway records each host's last order:
+/// `{"host": {"state": "valid" | "failed", "reason": "...", "at": unix}}`.
+pub const ACME_STATE_FILE: &str = "state.json";
+
 /// Validated `[acme]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Acme {

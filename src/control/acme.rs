@@ -29,7 +29,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(3600);
 /// Why an order failed, in the CA's words where it gave them.
 #[derive(Debug, thiserror::Error)]
 pub enum AcmeError {
-    #[error("the ACME CA said: {0}")]
+    #[error("the ACME CA said")]
     Ca(#[from] instant_acme::Error),
     #[error("{0}")]
     Order(String),
@@ -80,6 +80,10 @@ pub async fn run(gw: Arc<Gateway>, mut stop: watch::Receiver<bool>) {
                     },
                 };
                 let label = if result.is_ok() { "ok" } else { "failed" };
+                let said = result.as_ref().err().map(|e| crate::error::sentence(e));
+                if let Err(e) = record(&acme, &host, said.as_deref()) {
+                    tracing::warn!(error = %crate::error::sentence(&e), "cannot record the ACME state");
+                }
                 gw.metrics
                     .acme_orders
                     .get_or_create(&crate::telemetry::metrics::ResultLabel { result: label })
@@ -112,6 +116,25 @@ pub async fn run(gw: Arc<Gateway>, mut stop: watch::Receiver<bool>) {
             _ = tokio::time::sleep(LOOK_EVERY) => {}
         }
     }
+}
+
+/// Records the last order's outcome for `host` in `storage/state.json` (for `cert status`):
+/// `None` for success, else the reason.
+fn record(acme: &Acme, host: &str, failed: Option<&str>) -> Result<(), AcmeError> {
+    let file = acme.storage.join(crate::config::ACME_STATE_FILE);
+    let mut state: serde_json::Map<String, serde_json::Value> = std::fs::read(&file)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    let entry = match failed {
+        None => serde_json::json!({"state": "valid", "at": crate::config::certs::unix_now()}),
+        Some(why) => serde_json::json!({
+            "state": "failed", "reason": why, "at": crate::config::certs::unix_now()
+        }),
+    };
+    state.insert(host.to_owned(), entry);
+    let bytes = serde_json::to_vec_pretty(&state).map_err(|e| AcmeError::Order(e.to_string()))?;
+    write_private(&file, &bytes)
 }
 
 /// The account in `storage/account.json`, or a new one (saved there, 0600).

@@ -364,7 +364,7 @@ pub fn domain_list(config: &Path, domain: Option<&str>) -> Result<Vec<Row>, OpEr
     Ok(rows)
 }
 
-fn date(unix: i64) -> String {
+pub(crate) fn date(unix: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp(unix)
         .map(|d| format!("{:04}-{:02}-{:02}", d.year(), u8::from(d.month()), d.day()))
         .unwrap_or_else(|_| "?".into())

@@ -20,6 +20,26 @@ fn free_port() -> u16 {
         .expect("a free port")
 }
 
+/// `logon-gate cert status --json`, by host.
+fn cert_status(config: &std::path::Path) -> serde_json::Value {
+    let out = Command::new(crate::support::process::BIN)
+        .args(["cert", "status", "--json", "-c"])
+        .arg(config)
+        .output()
+        .expect("run cert status");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).expect("JSON");
+    let by_host = rows
+        .into_iter()
+        .filter_map(|r| Some((r["host"].as_str()?.to_owned(), r)))
+        .collect::<serde_json::Map<_, _>>();
+    serde_json::Value::Object(by_host)
+}
+
 /// Pebble, killed and reaped on drop.
 struct Pebble {
     child: Child,
@@ -120,6 +140,11 @@ async fn an_enabled_address_without_a_certificate_gets_one_over_http01() {
     .await;
     let mut f = Fixture::new(&backend.url(), "");
     std::fs::write(f.path().join("ca.pem"), f.pki.ca_pem()).expect("write CA");
+    // Enabled too, but its name is not in DNS: the CA's validation fails.
+    f.write_tenant(
+        "example.info",
+        "domain = \"example.info\"\nedition = \"standard\"\n[[logon]]\nhost = \"webmail.example.info\"\ncname = \"verified\"\nicp = \"filed\"\nenabled = true\n",
+    );
     let (http_port, https_port) = (free_port(), free_port());
     let (pebble, port) = Pebble::start(&mut f, http_port, https_port, dns.addr);
     let acme = format!(
@@ -183,6 +208,44 @@ async fn an_enabled_address_without_a_certificate_gets_one_over_http01() {
         .filter(|n| !n.starts_with('.'))
         .collect();
     assert_eq!(names, ["webmail.example.org.pem"]);
+
+    // `cert status --json`: source, expiry and ACME state per address, the failed one with
+    // the CA's reason.
+    let failed = eventually(Duration::from_secs(20), || {
+        let config = f.gateway_toml();
+        async move {
+            cert_status(&config)["webmail.example.info"]["acme"]
+                .as_str()
+                .is_some_and(|s| s.starts_with("failed: "))
+        }
+    })
+    .await;
+    let status = cert_status(&f.gateway_toml());
+    assert!(failed, "webmail.example.info not shown as failed: {status}");
+    let reason = status["webmail.example.info"]["acme"]
+        .as_str()
+        .unwrap_or_default();
+    // The CA's words and its problem type (RFC 8555 §6.7).
+    assert!(
+        reason.contains("could not resolve") && reason.contains("urn:ietf:params:acme:error:"),
+        "{reason}"
+    );
+    assert_eq!(status["webmail.example.info"]["source"], "none");
+    assert_eq!(status["webmail.example.org"]["source"], "acme");
+    assert_eq!(status["webmail.example.org"]["acme"], "valid");
+    assert!(
+        status["webmail.example.org"]["expires"].is_string(),
+        "{status}"
+    );
+    assert_eq!(status["webmail.example.net"]["source"], "uploaded");
+    assert_eq!(status["webmail.example.net"]["acme"], "-");
+    assert_eq!(status["mail.example.net"]["acme"], "-");
+    // Serving went on for the others meanwhile.
+    let mut c = https_client(https, &root, "webmail.example.org", false).await;
+    assert_eq!(
+        c.get("webmail.example.org", "/").await.status,
+        http::StatusCode::OK
+    );
     // The account is kept for the next start.
     assert!(f.path().join("acme/account.json").exists());
     // What /metrics says of it.
@@ -190,7 +253,6 @@ async fn an_enabled_address_without_a_certificate_gets_one_over_http01() {
     let m = admin.get("localhost", "/metrics").await.text();
     for line in [
         "logon_gate_acme_orders_total{result=\"ok\"} 1",
-        "logon_gate_acme_orders_total{result=\"failed\"} 0",
         "logon_gate_certificates{source=\"acme\"} 1",
         "logon_gate_certificates{source=\"uploaded\"} 3",
     ] {
