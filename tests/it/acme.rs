@@ -259,4 +259,41 @@ async fn an_enabled_address_without_a_certificate_gets_one_over_http01() {
         assert!(m.lines().any(|l| l == line), "{line} missing:\n{m}");
     }
     gw.stop().await.expect("gateway task");
+
+    // A restart reuses the account and the certificate: served at once, and no new order
+    // for it once the issuer has been through the wanted hosts (the failing one's order
+    // shows it has).
+    let stored = std::fs::read(&issued).expect("the issued certificate");
+    let account = std::fs::read(f.path().join("acme/account.json")).expect("the account");
+    let gw = f.start().await;
+    let https = gw.https.expect("https");
+    let config = client_config(&root, &[b"http/1.1"], true);
+    assert!(
+        tls_connect(https, config, "webmail.example.org")
+            .await
+            .is_ok(),
+        "the stored certificate is not served after a restart"
+    );
+    let admin = gw.admin.expect("admin listener");
+    let metric = |line: &'static str| async move {
+        let mut c = http_client(admin).await;
+        let m = c.get("localhost", "/metrics").await.text();
+        m.lines().any(|l| l == line)
+    };
+    assert!(
+        eventually(Duration::from_secs(20), || metric(
+            "logon_gate_acme_orders_total{result=\"failed\"} 1"
+        ))
+        .await,
+        "the issuer did not run after the restart"
+    );
+    assert!(metric("logon_gate_acme_orders_total{result=\"ok\"} 0").await);
+    assert_eq!(
+        std::fs::read(&issued).expect("read"),
+        stored,
+        "a new certificate was ordered"
+    );
+    let again = std::fs::read(f.path().join("acme/account.json")).expect("the account");
+    assert_eq!(again, account, "a new account was made");
+    gw.stop().await.expect("gateway task");
 }
