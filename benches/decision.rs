@@ -55,6 +55,7 @@ fn table(hosts: usize) -> (Table, Vec<String>) {
             key_path: format!("{host}.pem").into(),
             key: key.clone(),
             names: vec![host.clone().into_boxed_str()],
+            not_before: 0,
             not_after: i64::MAX,
         }));
         names.push(host);

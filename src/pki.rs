@@ -45,6 +45,20 @@ impl Pki {
         self.issue_with(names, |_| {})
     }
 
+    /// Issues a leaf certificate valid from `before` ago until `left` from now.
+    pub fn issue_lasting(
+        &self,
+        names: &[&str],
+        before: std::time::Duration,
+        left: std::time::Duration,
+    ) -> Result<Issued, rcgen::Error> {
+        let now = time_now();
+        self.issue_with(names, |p| {
+            p.not_before = now - before;
+            p.not_after = now + left;
+        })
+    }
+
     /// Issues a leaf certificate that expired in 2020.
     pub fn issue_expired(&self, names: &[&str]) -> Result<Issued, rcgen::Error> {
         self.issue_with(names, |p| {

@@ -29,6 +29,8 @@ pub struct CertEntry {
     pub key: Arc<CertifiedKey>,
     /// SAN DNS names, lower-cased; wildcards as `*.example.net`.
     pub names: Vec<Box<str>>,
+    /// Start of validity, seconds since the Unix epoch.
+    pub not_before: i64,
     /// Expiry, seconds since the Unix epoch.
     pub not_after: i64,
 }
@@ -406,6 +408,7 @@ fn pair(
                 key_path: key_path.to_path_buf(),
                 key: Arc::new(CertifiedKey::new(chain.certs.clone(), key.key.clone())),
                 names: chain.names.clone(),
+                not_before: chain.not_before,
                 not_after: chain.not_after,
             }),
         };
@@ -448,6 +451,7 @@ pub fn load_pair(
         key_path: PathBuf::new(),
         key: Arc::new(CertifiedKey::new(chain.certs, key.key)),
         names: chain.names,
+        not_before: chain.not_before,
         not_after: chain.not_after,
     })
 }

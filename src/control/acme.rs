@@ -44,16 +44,24 @@ pub enum AcmeError {
     Csr(#[from] rcgen::Error),
 }
 
-/// The enabled logon addresses (edition allowing) that no valid certificate covers.
+/// The enabled logon addresses (edition allowing) that no valid certificate covers, and
+/// those served with one the CA issued that has a third of its lifetime left or less (an
+/// uploaded certificate is never renewed here: it wins until it expires).
 pub fn wanted(table: &Table) -> Vec<String> {
     let now = crate::config::certs::unix_now();
+    let acme_dir = table.settings.acme.as_ref().map(|a| a.certs_dir());
+    let due = |c: &crate::config::certs::CertEntry| {
+        let issued = acme_dir.as_ref().is_some_and(|d| c.path.starts_with(d));
+        let renew_at = c.not_after - (c.not_after - c.not_before) / 3;
+        c.not_after <= now || (issued && now >= renew_at)
+    };
     table
         .tenants
         .iter()
         .filter(|t| t.edition != Edition::Free)
         .flat_map(|t| t.logons.iter().filter(|l| l.enabled))
         .map(|l| l.host.as_str())
-        .filter(|h| table.cert_for(h).is_none_or(|c| c.not_after <= now))
+        .filter(|h| table.cert_for(h).is_none_or(|c| due(c)))
         .map(str::to_owned)
         .collect()
 }

@@ -125,6 +125,60 @@ impl Pebble {
     }
 }
 
+/// Pebble, the tests' DNS server, a backend, and the gateway with `[acme]` pointed at Pebble,
+/// on ports picked here; `prepare` changes the fixture before the gateway starts.
+struct Setup {
+    f: Fixture,
+    pebble: Pebble,
+    gw: logon_gate::serve::Running,
+    https: SocketAddr,
+    _backend: Backend,
+    _dns: DnsServer,
+}
+
+impl Setup {
+    async fn start(prepare: impl FnOnce(&mut Fixture)) -> Setup {
+        let backend = Backend::start().await;
+        let dns = DnsServer::start(&[
+            ("webmail.example.org", Rec::A([127, 0, 0, 1].into())),
+            ("mail.example.net", Rec::A([127, 0, 0, 1].into())),
+            ("webmail.example.net", Rec::A([127, 0, 0, 1].into())),
+        ])
+        .await;
+        let mut f = Fixture::new(&backend.url(), "");
+        std::fs::write(f.path().join("ca.pem"), f.pki.ca_pem()).expect("write CA");
+        let (http_port, https_port) = (free_port(), free_port());
+        let (pebble, port) = Pebble::start(&mut f, http_port, https_port, dns.addr);
+        let acme = format!(
+            "\n[acme]\ndirectory = \"https://localhost:{port}/dir\"\ncontact = [\"mailto:ops@provider.test\"]\nchallenges = [\"http-01\"]\nstorage = \"acme\"\ndirectory_ca = \"ca.pem\"\n"
+        );
+        f.write_gateway(&backend.url(), &acme);
+        let text = std::fs::read_to_string(f.gateway_toml())
+            .expect("read")
+            .replace(
+                "https = \"127.0.0.1:0\"",
+                &format!("https = \"127.0.0.1:{https_port}\""),
+            )
+            .replace(
+                "http  = \"127.0.0.1:0\"",
+                &format!("http  = \"127.0.0.1:{http_port}\""),
+            )
+            .replace("admin = \"\"", "admin = \"127.0.0.1:0\"");
+        std::fs::write(f.gateway_toml(), text).expect("write");
+        prepare(&mut f);
+        let gw = f.start().await;
+        let https = gw.https.expect("https");
+        Setup {
+            f,
+            pebble,
+            gw,
+            https,
+            _backend: backend,
+            _dns: dns,
+        }
+    }
+}
+
 /// RFC 8555 §8.3 (http-01) end to end: the enabled address without a certificate
 /// (webmail.example.org) gets one from the CA and is served with it, the chain verifying to
 /// Pebble's root; the enabled address with an uploaded certificate and the disabled one are
@@ -132,40 +186,20 @@ impl Pebble {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs pebble and curl: run by .ci/run"]
 async fn an_enabled_address_without_a_certificate_gets_one_over_http01() {
-    let backend = Backend::start().await;
-    let dns = DnsServer::start(&[
-        ("webmail.example.org", Rec::A([127, 0, 0, 1].into())),
-        ("mail.example.net", Rec::A([127, 0, 0, 1].into())),
-    ])
+    let Setup {
+        f,
+        pebble,
+        gw,
+        https,
+        ..
+    } = Setup::start(|f| {
+        // Enabled too, but its name is not in DNS: the CA's validation fails.
+        f.write_tenant(
+            "example.info",
+            "domain = \"example.info\"\nedition = \"standard\"\n[[logon]]\nhost = \"webmail.example.info\"\ncname = \"verified\"\nicp = \"filed\"\nenabled = true\n",
+        );
+    })
     .await;
-    let mut f = Fixture::new(&backend.url(), "");
-    std::fs::write(f.path().join("ca.pem"), f.pki.ca_pem()).expect("write CA");
-    // Enabled too, but its name is not in DNS: the CA's validation fails.
-    f.write_tenant(
-        "example.info",
-        "domain = \"example.info\"\nedition = \"standard\"\n[[logon]]\nhost = \"webmail.example.info\"\ncname = \"verified\"\nicp = \"filed\"\nenabled = true\n",
-    );
-    let (http_port, https_port) = (free_port(), free_port());
-    let (pebble, port) = Pebble::start(&mut f, http_port, https_port, dns.addr);
-    let acme = format!(
-        "\n[acme]\ndirectory = \"https://localhost:{port}/dir\"\ncontact = [\"mailto:ops@provider.test\"]\nchallenges = [\"http-01\"]\nstorage = \"acme\"\ndirectory_ca = \"ca.pem\"\n"
-    );
-    f.write_gateway(&backend.url(), &acme);
-    let text = std::fs::read_to_string(f.gateway_toml())
-        .expect("read")
-        .replace(
-            "https = \"127.0.0.1:0\"",
-            &format!("https = \"127.0.0.1:{https_port}\""),
-        )
-        .replace(
-            "http  = \"127.0.0.1:0\"",
-            &format!("http  = \"127.0.0.1:{http_port}\""),
-        )
-        .replace("admin = \"\"", "admin = \"127.0.0.1:0\"");
-    std::fs::write(f.gateway_toml(), text).expect("write");
-    let gw = f.start().await;
-    let https = gw.https.expect("https");
-
     let issued = f.path().join("acme/certs/webmail.example.org.pem");
     let got = eventually(Duration::from_secs(60), || {
         let issued = issued.clone();
@@ -295,5 +329,69 @@ async fn an_enabled_address_without_a_certificate_gets_one_over_http01() {
     );
     let again = std::fs::read(f.path().join("acme/account.json")).expect("the account");
     assert_eq!(again, account, "a new account was made");
+    gw.stop().await.expect("gateway task");
+}
+
+/// SPEC §5: a certificate the CA issued is renewed once a third of its lifetime is left; an
+/// uploaded one is never replaced by ACME, however close its end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs pebble and curl: run by .ci/run"]
+async fn an_issued_certificate_with_a_third_of_its_life_left_is_renewed() {
+    let day = Duration::from_secs(86_400);
+    let Setup {
+        f,
+        pebble,
+        gw,
+        https,
+        ..
+    } = Setup::start(|f| {
+        // As if issued 80 days ago for 90: 10 days left, under a third.
+        let old = f
+            .pki
+            .issue_lasting(&["webmail.example.org"], 80 * day, 10 * day)
+            .expect("issue");
+        let dir = f.path().join("acme/certs");
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        std::fs::write(
+            dir.join("webmail.example.org.pem"),
+            format!("{}{}", old.cert_pem, old.key_pem),
+        )
+        .expect("write");
+        // Uploaded, with the same 10 days left: left alone.
+        let up = f
+            .pki
+            .issue_lasting(&["webmail.example.net"], 80 * day, 10 * day)
+            .expect("issue");
+        std::fs::write(
+            f.path().join("certs/webmail.example.net.pem"),
+            format!("{}{}", up.cert_pem, up.key_pem),
+        )
+        .expect("write");
+    })
+    .await;
+    let root = pebble.root(&f).await;
+    let renewed = eventually(Duration::from_secs(60), || {
+        let root = root.clone();
+        async move {
+            let config = client_config(&root, &[b"http/1.1"], true);
+            tls_connect(https, config, "webmail.example.org")
+                .await
+                .is_ok()
+        }
+    })
+    .await;
+    let log = std::fs::read_to_string(f.path().join("pebble/pebble.log")).unwrap_or_default();
+    assert!(
+        renewed,
+        "not renewed by Pebble within 60 s; Pebble said:\n{log}"
+    );
+    // The uploaded one still serves (it chains to the test CA), and nothing was ordered for it.
+    let config = client_config(&f.pki.ca_der(), &[b"http/1.1"], true);
+    assert!(
+        tls_connect(https, config, "webmail.example.net")
+            .await
+            .is_ok()
+    );
+    assert!(!f.path().join("acme/certs/webmail.example.net.pem").exists());
     gw.stop().await.expect("gateway task");
 }
