@@ -3,21 +3,23 @@
 //! DNS server of the test's that resolves the test names to 127.0.0.1. Needs the `pebble`
 //! package (`.ci/run` installs it), so a bare `cargo test` ignores it.
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use crate::support::dns::{DnsServer, Rec};
-use crate::support::*;
+use crate::support::{self, *};
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 
-/// A loopback port free now (Pebble must be told the gateway's ports before either starts).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+/// Whether, within `limit`, a handshake for `host` succeeds with a certificate that verifies
+/// to `root` alone.
+async fn served_by(https: SocketAddr, root: &[u8], host: &str, limit: Duration) -> bool {
+    eventually(limit, || async move {
+        let config = client_config(root, &[b"http/1.1"], true);
+        tls_connect(https, config, host).await.is_ok()
+    })
+    .await
 }
 
 /// `logon-gate cert status --json`, by host.
@@ -63,7 +65,7 @@ impl Pebble {
         std::fs::create_dir_all(&dir).expect("mkdir");
         std::fs::write(dir.join("cert.pem"), &listener.cert_pem).expect("write");
         std::fs::write(dir.join("key.pem"), &listener.key_pem).expect("write");
-        let (port, management) = (free_port(), free_port());
+        let (port, management) = (support::free_port(), support::free_port());
         let config = serde_json::json!({"pebble": {
             "listenAddress": format!("127.0.0.1:{port}"),
             "managementListenAddress": format!("127.0.0.1:{management}"),
@@ -147,7 +149,7 @@ impl Setup {
         .await;
         let mut f = Fixture::new(&backend.url(), "");
         std::fs::write(f.path().join("ca.pem"), f.pki.ca_pem()).expect("write CA");
-        let (http_port, https_port) = (free_port(), free_port());
+        let (http_port, https_port) = (support::free_port(), support::free_port());
         let (pebble, port) = Pebble::start(&mut f, http_port, https_port, dns.addr);
         let acme = format!(
             "\n[acme]\ndirectory = \"https://localhost:{port}/dir\"\ncontact = [\"mailto:ops@provider.test\"]\nchallenges = [\"http-01\"]\nstorage = \"acme\"\ndirectory_ca = \"ca.pem\"\n"
@@ -214,16 +216,7 @@ async fn an_enabled_address_without_a_certificate_gets_one_over_http01() {
 
     // Served without a restart, and the chain verifies to Pebble's root.
     let root = pebble.root(&f).await;
-    let served = eventually(Duration::from_secs(10), || {
-        let root = root.clone();
-        async move {
-            let config = client_config(&root, &[b"http/1.1"], true);
-            tls_connect(https, config, "webmail.example.org")
-                .await
-                .is_ok()
-        }
-    })
-    .await;
+    let served = served_by(https, &root, "webmail.example.org", Duration::from_secs(10)).await;
     assert!(
         served,
         "the issued certificate is not served, or does not verify to Pebble's root"
@@ -370,16 +363,7 @@ async fn an_issued_certificate_with_a_third_of_its_life_left_is_renewed() {
     })
     .await;
     let root = pebble.root(&f).await;
-    let renewed = eventually(Duration::from_secs(60), || {
-        let root = root.clone();
-        async move {
-            let config = client_config(&root, &[b"http/1.1"], true);
-            tls_connect(https, config, "webmail.example.org")
-                .await
-                .is_ok()
-        }
-    })
-    .await;
+    let renewed = served_by(https, &root, "webmail.example.org", Duration::from_secs(60)).await;
     let log = std::fs::read_to_string(f.path().join("pebble/pebble.log")).unwrap_or_default();
     assert!(
         renewed,

@@ -7,7 +7,7 @@
 //! them), so a bare `cargo test` ignores it. Pieces and how they fit: tests/browser/README.md.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -39,14 +39,6 @@ fn spawn(what: &str, cmd: &mut Command) -> Proc {
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {what} (.ci/run installs it): {e}"));
     Proc(child)
-}
-
-/// A loopback port free now (for the peers that cannot report the one they bound).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
 }
 
 /// Waits (at most 10 s) until `ready` holds, or panics naming `what` and the child's state.
@@ -124,7 +116,7 @@ impl Webmail {
         use std::os::unix::fs::PermissionsExt;
         // Dovecot's auth (user dovecot) and mail (user nobody) processes pass through it.
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711)).expect("chmod");
-        let imap_port = free_port();
+        let imap_port = crate::support::free_port();
         let dove = dir.join("dovecot");
         std::fs::create_dir_all(&dove).expect("mkdir");
         std::fs::write(
@@ -186,7 +178,7 @@ impl Webmail {
                 .unwrap_or(false)
         });
 
-        let php_port = free_port();
+        let php_port = crate::support::free_port();
         let php = SocketAddr::from(([127, 0, 0, 1], php_port));
         let mut php_proc = spawn(
             "php",

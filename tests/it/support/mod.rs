@@ -22,6 +22,16 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::client::TlsStream;
 use tokio_tungstenite::tungstenite::protocol::Role;
 
+/// A loopback port free now, for a peer that cannot report the port it bound (Dovecot), or
+/// that must be told another's before either starts (Pebble and the gateway). Bound and
+/// released, so another process could take it in between; these tests start at once after.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
 /// Polls `f` every 20 ms until it returns true or `limit` passes; true when it did.
 pub async fn eventually<F, Fut>(limit: Duration, mut f: F) -> bool
 where
