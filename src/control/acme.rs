@@ -80,12 +80,20 @@ pub async fn run(gw: Arc<Gateway>, mut stop: watch::Receiver<bool>) {
                 {
                     continue;
                 }
-                let result = match account.as_ref() {
-                    Some(a) => order(&gw, &acme, a, &host).await,
-                    None => match load_or_create(&acme).await {
-                        Ok(a) => order(&gw, &acme, account.insert(a), &host).await,
-                        Err(e) => Err(e),
-                    },
+                let attempt = async {
+                    if account.is_none() {
+                        account = Some(load_or_create(&acme).await?);
+                    }
+                    match account.as_ref() {
+                        Some(a) => order(&gw, &acme, a, &host).await,
+                        None => Err(AcmeError::Order("no ACME account".into())),
+                    }
+                };
+                // A shutdown does not wait for an order under way (it is asked again after
+                // the next start).
+                let result = tokio::select! {
+                    _ = crate::state::stopped(&mut stop) => return,
+                    r = attempt => r,
                 };
                 let label = if result.is_ok() { "ok" } else { "failed" };
                 let said = result.as_ref().err().map(|e| crate::error::sentence(e));
@@ -113,9 +121,6 @@ pub async fn run(gw: Arc<Gateway>, mut stop: watch::Receiver<bool>) {
                         backoff.insert(host.clone(), (Instant::now() + wait, wait));
                         tracing::warn!(%host, error = %crate::error::sentence(&e), retry_in = ?wait, "ACME order failed");
                     }
-                }
-                if *stop.borrow() {
-                    return;
                 }
             }
         }
