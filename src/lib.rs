@@ -10,13 +10,18 @@
 //!           <- control (reload: watcher, SIGHUP, rebuild off the async threads, publish
 //!              or keep; admin: /healthz, /metrics, /status)
 //! operator: main (clap) -> ops (check, tenant, domain, cert) -> atomic file edits -> config
+//! acme:     control::acme (the background issuer: queue, bound, backoff)
+//!           -> acme (one order; the storage the issuer, `cert issue`, and the listeners
+//!              answering challenges share) -> config
 //! ```
 //!
 //! Imports point down this list: serve -> control, proxy -> upstream -> state -> config,
-//! telemetry, shard. `state` imports none of the modules that use it; `ops` reads `config`
-//! only, never the serving side. ACME (certificates ordered for enabled hosts) and a store
-//! other than files (etcd) will sit beside `config`'s loader and under `control`.
+//! telemetry, shard; `acme` sits beside `ops` and imports `config` and `ops::dns` only.
+//! `state` imports none of the modules that use it; `ops` reads `config` (and `acme` for
+//! `cert issue` and `cert status`), never the serving side. A store other than files (etcd)
+//! will sit beside `config`'s loader and under `control`.
 
+pub mod acme;
 pub mod config;
 mod control;
 pub mod demo;

@@ -130,6 +130,8 @@ enum CertCmd {
         #[arg(long)]
         force: bool,
     },
+    /// Order a certificate for HOST from the ACME CA now and wait until it is installed.
+    Issue { host: String },
     /// Each logon address's certificate: source (uploaded, acme, none), expiry, ACME state.
     Status {
         host: Option<String>,
@@ -155,6 +157,11 @@ fn main() -> ExitCode {
         }) => ops::cert::install(&cli.config, &host, &cert, &key, force)
             .map(|lines| lines.iter().for_each(|l| println!("{l}")))
             .map_err(MainError::from),
+        Command::Cert(CertCmd::Issue { host }) => runtime().and_then(|rt| {
+            rt.block_on(ops::cert::issue(&cli.config, &host))
+                .map(|lines| lines.iter().for_each(|l| println!("{l}")))
+                .map_err(MainError::from)
+        }),
         Command::Cert(CertCmd::Status { host, json }) => {
             cert_status(&cli.config, host.as_deref(), json)
         }

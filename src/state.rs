@@ -39,9 +39,6 @@ pub struct Gateway {
     pub loader: std::sync::Mutex<Loader>,
     /// Prometheus metrics.
     pub metrics: Metrics,
-    /// ACME http-01 answers being validated: token -> key authorization (`control::acme`
-    /// puts them, the HTTP listener serves them).
-    pub acme_tokens: std::sync::Mutex<std::collections::HashMap<String, String>>,
     /// Outcome of the last reload.
     pub status: std::sync::Mutex<ReloadStatus>,
     /// Open client connections, against `limits.max_connections` (which may change on reload).
@@ -76,7 +73,6 @@ impl Gateway {
             config_path,
             loader: std::sync::Mutex::new(loader),
             metrics,
-            acme_tokens: std::sync::Mutex::default(),
             status: std::sync::Mutex::new(ReloadStatus::initial()),
             open_connections: Arc::new(AtomicUsize::new(0)),
             max_connections: AtomicUsize::new(max_connections),

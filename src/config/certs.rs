@@ -64,6 +64,28 @@ pub fn unix_now() -> i64 {
         .unwrap_or(0)
 }
 
+/// `unix` as `YYYY-MM-DD` (UTC).
+pub fn date(unix: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .map(|d| format!("{:04}-{:02}-{:02}", d.year(), u8::from(d.month()), d.day()))
+        .unwrap_or_else(|_| "?".into())
+}
+
+/// `unix` as `YYYY-MM-DD HH:MM:SS` (UTC).
+pub fn date_time(unix: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .map(|d| {
+            format!(
+                "{} {:02}:{:02}:{:02}",
+                date(unix),
+                d.hour(),
+                d.minute(),
+                d.second()
+            )
+        })
+        .unwrap_or_else(|_| "?".into())
+}
+
 /// What one file under certs/ contained.
 #[derive(Debug)]
 struct ParsedFile {

@@ -138,11 +138,14 @@ pub struct RawAcme {
     pub eab_kid: Option<String>,
     #[serde(default)]
     pub eab_hmac_key: Option<String>,
+    /// Beyond SPEC: the DNS server (`IP:PORT`) for the CNAME check made before each order;
+    /// the system's resolver when absent.
+    #[serde(default)]
+    pub nameserver: Option<Spanned<String>>,
+    /// Beyond SPEC: orders under way at once (default 8).
+    #[serde(default)]
+    pub orders_in_flight: Option<Spanned<u64>>,
 }
-
-/// The file in `[acme] storage` where the gateway records each host's last order:
-/// `{"host": {"state": "valid" | "failed", "reason": "...", "at": unix}}`.
-pub const ACME_STATE_FILE: &str = "state.json";
 
 /// Validated `[acme]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -160,7 +163,14 @@ pub struct Acme {
     pub directory_ca: Option<PathBuf>,
     /// External Account Binding: key id and base64url HMAC key.
     pub eab: Option<(String, String)>,
+    /// The DNS server for the CNAME check before each order; `None`: the system's.
+    pub nameserver: Option<std::net::SocketAddr>,
+    /// Orders under way at once.
+    pub orders_in_flight: usize,
 }
+
+/// Orders under way at once unless `orders_in_flight` says otherwise.
+pub const ORDERS_IN_FLIGHT: usize = 8;
 
 impl Acme {
     /// Where issued certificates are kept (chain and key in one file per host, 0600).
@@ -566,7 +576,18 @@ fn parse_acme(
         });
     let eab = match (raw.eab_kid.as_deref(), raw.eab_hmac_key.as_deref()) {
         (None | Some(""), None | Some("")) => None,
-        (Some(k), Some(h)) if !k.is_empty() && !h.is_empty() => Some((k.to_owned(), h.to_owned())),
+        (Some(k), Some(h)) if !k.is_empty() && !h.is_empty() => {
+            use base64::Engine as _;
+            let decoded =
+                base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(h.trim_end_matches('='));
+            if decoded.is_err() {
+                errors.push(src.error_at(
+                    raw.directory.span(),
+                    "acme.eab_hmac_key is not base64url (RFC 8555 §7.3.4)",
+                ));
+            }
+            Some((k.to_owned(), h.to_owned()))
+        }
         _ => {
             errors.push(src.error_at(
                 raw.directory.span(),
@@ -575,6 +596,25 @@ fn parse_acme(
             None
         }
     };
+    let nameserver = raw.nameserver.as_ref().and_then(|n| {
+        let parsed = n.get_ref().parse::<std::net::SocketAddr>();
+        if parsed.is_err() {
+            errors.push(src.error_at(
+                n.span(),
+                format!("acme.nameserver: `{}` is not IP:PORT", n.get_ref()),
+            ));
+        }
+        parsed.ok()
+    });
+    let orders_in_flight = count(
+        src,
+        raw.orders_in_flight.as_ref(),
+        "acme.orders_in_flight",
+        1,
+        1000,
+        errors,
+    )
+    .map_or(ORDERS_IN_FLIGHT, |n| n as usize);
     (errors.len() == before).then(|| Acme {
         directory,
         contact,
@@ -583,6 +623,8 @@ fn parse_acme(
         storage: config_dir.join(raw.storage.as_deref().unwrap_or("../acme")),
         directory_ca,
         eab,
+        nameserver,
+        orders_in_flight,
     })
 }
 
@@ -793,6 +835,8 @@ mod tests {
         let acme = settings.acme.expect("acme");
         assert!(acme.http01 && acme.tls_alpn01, "both challenges by default");
         assert!(acme.storage.ends_with("../acme"));
+        assert_eq!(acme.orders_in_flight, ORDERS_IN_FLIGHT);
+        assert_eq!(acme.nameserver, None);
         for (bad, words) in [
             ("directory = \"ftp://ca.test/\"", "is not an http(s) URL"),
             (
@@ -814,6 +858,18 @@ mod tests {
             (
                 "directory = \"https://ca.test/dir\"\nstorag = \"x\"",
                 "unknown field",
+            ),
+            (
+                "directory = \"https://ca.test/dir\"\neab_kid = \"k\"\neab_hmac_key = \"not base64!\"",
+                "is not base64url",
+            ),
+            (
+                "directory = \"https://ca.test/dir\"\nnameserver = \"127.0.0.1\"",
+                "acme.nameserver: `127.0.0.1` is not IP:PORT",
+            ),
+            (
+                "directory = \"https://ca.test/dir\"\norders_in_flight = 0",
+                "acme.orders_in_flight: 0 is out of range",
             ),
         ] {
             let errors = load_gateway(&src(&format!("{base}[acme]\n{bad}\n"))).expect_err(bad);

@@ -109,6 +109,7 @@ pub fn status_json(gw: &Gateway) -> serde_json::Value {
                         "icp": l.icp,
                         "certificate_days_left": cert.map(|c| c.days_left()),
                         "certificate_file": cert.map(|c| c.path.display().to_string()),
+                        "certificate": crate::acme::facts(&snap.table, t, l),
                     })
                 })
                 .collect();

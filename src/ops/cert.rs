@@ -10,16 +10,12 @@ use super::OpError;
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct CertStatus {
     pub host: String,
-    /// `uploaded`, `acme`, or `none`.
-    pub source: &'static str,
-    /// `YYYY-MM-DD` of the certificate served, if any.
-    pub expires: Option<String>,
-    /// `pending`, `valid`, `failed: <reason>`, or `-` (no `[acme]`, or not wanted).
-    pub acme: String,
+    #[serde(flatten)]
+    pub facts: crate::acme::CertFacts,
 }
 
 /// Every logon address (or only `host`) with the source and expiry of the certificate that
-/// would serve it, and its ACME state as the gateway last recorded it.
+/// would serve it, and its ACME state as last recorded in storage.
 pub fn status(config: &Path, host: Option<&str>) -> Result<Vec<CertStatus>, OpError> {
     let only = host
         .map(|h| {
@@ -29,44 +25,15 @@ pub fn status(config: &Path, host: Option<&str>) -> Result<Vec<CertStatus>, OpEr
         .transpose()?;
     let mut loader = crate::config::table::Loader::new(crate::config::crypto_provider());
     let table = super::edit::load(&mut loader, config)?;
-    let acme = table.settings.acme.as_ref();
-    let recorded: serde_json::Value = acme
-        .and_then(|a| std::fs::read(a.storage.join(crate::config::ACME_STATE_FILE)).ok())
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or_default();
-    let now = crate::config::certs::unix_now();
     let mut rows = Vec::new();
     for t in &table.tenants {
         for l in &t.logons {
-            let name = l.host.as_str();
-            if only.as_ref().is_some_and(|h| h.as_str() != name) {
+            if only.as_ref().is_some_and(|h| *h != l.host) {
                 continue;
             }
-            let cert = table.cert_for(name).filter(|c| c.not_after > now);
-            let issued =
-                |c: &certs::CertEntry| acme.is_some_and(|a| c.path.starts_with(a.certs_dir()));
-            let source = match cert {
-                Some(c) if issued(c) => "acme",
-                Some(_) => "uploaded",
-                None => "none",
-            };
-            let wanted = l.enabled && t.edition != crate::config::Edition::Free;
-            let last = &recorded[name];
-            let state = match (acme, cert) {
-                (None, _) => "-".to_string(),
-                (Some(_), Some(c)) if issued(c) => "valid".to_string(),
-                (Some(_), Some(_)) => "-".to_string(),
-                (Some(_), None) if !wanted => "-".to_string(),
-                (Some(_), None) if last["state"] == "failed" => {
-                    format!("failed: {}", last["reason"].as_str().unwrap_or("unknown"))
-                }
-                (Some(_), None) => "pending".to_string(),
-            };
             rows.push(CertStatus {
-                host: name.to_owned(),
-                source,
-                expires: cert.map(|c| super::lifecycle::date(c.not_after)),
-                acme: state,
+                host: l.host.to_string(),
+                facts: crate::acme::facts(&table, t, l),
             });
         }
     }
@@ -92,9 +59,12 @@ pub fn render_status(rows: &[CertStatus]) -> String {
         out.push_str(&format!(
             "{:width$}  {:8}  {:10}  {}\n",
             r.host,
-            r.source,
-            r.expires.as_deref().unwrap_or("-"),
-            r.acme
+            r.facts.source,
+            r.facts.expires.as_deref().unwrap_or("-"),
+            match &r.facts.retry_at {
+                Some(at) => format!("{} (next try {at} UTC)", r.facts.acme),
+                None => r.facts.acme.clone(),
+            }
         ));
     }
     out
@@ -177,4 +147,125 @@ pub fn install(
         dest.display()
     ));
     Ok(out)
+}
+
+/// How often `cert issue` looks whether another orderer has let go of the host.
+const LOCK_POLL: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// `cert issue HOST`: orders a certificate for HOST from the ACME CA now and waits (SPEC §5).
+/// HOST must be enabled, its CNAME must still reach `cname_target`, and no uploaded
+/// certificate may cover it (that one wins). The running gateway answers the CA's challenge
+/// from storage and serves the result once it is written. If the gateway is ordering for HOST
+/// already, this waits for that order and reports it. Returns the lines to print.
+pub async fn issue(config: &Path, host: &str) -> Result<Vec<String>, OpError> {
+    let name = HostName::from_user(host)
+        .map_err(|e| OpError::Refused(format!("`{host}` is not a valid host name: {e}")))?;
+    let host = name.as_str();
+    let mut loader = crate::config::table::Loader::new(crate::config::crypto_provider());
+    let table = super::edit::load(&mut loader, config)?;
+    let Some(acme) = table.settings.acme.clone() else {
+        return Err(OpError::Refused(format!(
+            "{} has no [acme] table, so there is no CA to order from",
+            config.display()
+        )));
+    };
+    if !table
+        .tenants
+        .iter()
+        .any(|t| t.logons.iter().any(|l| l.host == name))
+    {
+        return Err(OpError::Refused(format!(
+            "{host} is not a logon address of any tenant"
+        )));
+    }
+    crate::acme::ready_to_order(&table, &acme, host)
+        .await
+        .map_err(|e| OpError::Refused(format!("{host}: {}", crate::error::sentence(&e))))?;
+    if let Some(c) = table
+        .cert_for(host)
+        .filter(|c| c.not_after > certs::unix_now())
+        && !crate::acme::is_issued(&table, c)
+    {
+        return Err(OpError::Refused(format!(
+            "{} is an uploaded certificate for {host} and wins over ACME until it expires ({})",
+            c.path.display(),
+            certs::date(c.not_after)
+        )));
+    }
+    let storage = crate::acme::Storage::of(&acme);
+    let acme_err = |e: crate::acme::AcmeError| {
+        OpError::Refused(format!("{host}: {}", crate::error::sentence(&e)))
+    };
+    let started = certs::unix_now();
+    let deadline = std::time::Instant::now() + crate::acme::order::ORDER_DEADLINE;
+    let mut waited = false;
+    let _lock = loop {
+        if let Some(lock) = storage.lock(host).map_err(acme_err)? {
+            break lock;
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(OpError::Refused(format!(
+                "{host}: another order has held {} for longer than an order may take",
+                storage.dir().join("locks").join(host).display()
+            )));
+        }
+        waited = true;
+        tokio::time::sleep(LOCK_POLL).await;
+    };
+    // The gateway ordered it while this waited: that order is the answer.
+    if waited && let Some(s) = storage.state(host).filter(|s| s.at >= started) {
+        return match s.reason {
+            None => Ok(vec![format!(
+                "the gateway issued a certificate for {host} meanwhile, as {}",
+                storage.cert_file(host).display()
+            )]),
+            Some(why) => Err(OpError::Refused(format!("{host}: the order failed: {why}"))),
+        };
+    }
+    let client = crate::acme::Client::open(&acme, &storage)
+        .await
+        .map_err(acme_err)?;
+    let outcome = client.issue(&acme, &storage, host, 0).await;
+    let now = certs::unix_now();
+    let (state, result) = match outcome.result {
+        Ok(issued) => (
+            crate::acme::HostState {
+                state: "valid".into(),
+                at: now,
+                renew_at: issued.renew_at,
+                renew_serial: issued.renew_at.map(|_| issued.serial),
+                ..Default::default()
+            },
+            Ok(()),
+        ),
+        Err(e) => {
+            let reason = crate::error::sentence(&e);
+            let previous = storage.state(host).map_or(0, |s| s.failures);
+            let wait = crate::acme::backoff(previous + 1, outcome.retry_after, e.rate_limited());
+            (
+                crate::acme::HostState {
+                    state: "failed".into(),
+                    reason: Some(reason.clone()),
+                    at: now,
+                    failures: previous + 1,
+                    retry_at: Some(now + wait.as_secs() as i64),
+                    ..Default::default()
+                },
+                Err(OpError::Refused(format!(
+                    "{host}: the order failed: {reason}"
+                ))),
+            )
+        }
+    };
+    storage.set_state(host, &state).map_err(acme_err)?;
+    result?;
+    let file = storage.cert_file(host);
+    let expires = std::fs::read(&file)
+        .ok()
+        .and_then(|pem| certs::load_pair(&pem, &pem, &crate::config::crypto_provider()).ok())
+        .map_or_else(|| "?".to_owned(), |e| certs::date(e.not_after));
+    Ok(vec![format!(
+        "issued a certificate for {host} (expires {expires}) as {}",
+        file.display()
+    )])
 }

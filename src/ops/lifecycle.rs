@@ -329,6 +329,8 @@ pub struct Row {
     /// Expiry of the certificate that would be served for the host, as `YYYY-MM-DD`.
     pub certificate_expires: Option<String>,
     pub certificate_days_left: Option<i64>,
+    /// Where the certificate comes from and its ACME state (SPEC §5).
+    pub certificate: crate::acme::CertFacts,
     pub enabled: bool,
 }
 
@@ -354,20 +356,15 @@ pub fn domain_list(config: &Path, domain: Option<&str>) -> Result<Vec<Row>, OpEr
                 cname: l.cname,
                 icp: l.icp,
                 icp_number: l.icp_number.clone(),
-                certificate_expires: cert.map(|c| date(c.not_after)),
+                certificate_expires: cert.map(|c| crate::config::certs::date(c.not_after)),
                 certificate_days_left: cert.map(|c| c.days_left()),
+                certificate: crate::acme::facts(&table, t, l),
                 enabled: l.enabled,
             });
         }
     }
     rows.sort_by(|a, b| (&a.tenant, &a.host).cmp(&(&b.tenant, &b.host)));
     Ok(rows)
-}
-
-pub(crate) fn date(unix: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp(unix)
-        .map(|d| format!("{:04}-{:02}-{:02}", d.year(), u8::from(d.month()), d.day()))
-        .unwrap_or_else(|_| "?".into())
 }
 
 /// Renders rows as an aligned text table.
@@ -397,10 +394,7 @@ pub fn render(rows: &[Row]) -> String {
                     (IcpState::Filed, None) => "filed".into(),
                     (IcpState::Pending, _) => "pending".into(),
                 },
-                match (&r.certificate_expires, r.certificate_days_left) {
-                    (Some(d), Some(left)) => format!("{d} ({left}d)"),
-                    _ => "none".into(),
-                },
+                r.certificate.column(),
                 if r.enabled { "yes".into() } else { "no".into() },
             ]
         })

@@ -160,7 +160,7 @@ pub fn handle(
     let challenge = conn
         .tls
         .is_none()
-        .then(|| acme_answer(&conn.gateway, req.uri().path()))
+        .then(|| acme_answer(&snapshot, req.uri().path()))
         .flatten();
     let (plan, label) = if let Some(answer) = challenge {
         (Plan::Answer(Box::new(answer)), "acme_challenge")
@@ -334,15 +334,12 @@ impl Conn {
 /// Where an ACME CA asks for http-01 answers (RFC 8555 §8.3).
 const ACME_CHALLENGE: &str = "/.well-known/acme-challenge/";
 
-/// The key authorization for an http-01 token being validated now, if `path` asks for one.
-fn acme_answer(gw: &Gateway, path: &str) -> Option<Response<Page>> {
+/// The key authorization for an http-01 token being validated now, if `path` asks for one
+/// (published in `[acme] storage` by whichever process orders, this one or `cert issue`).
+fn acme_answer(snapshot: &Snapshot, path: &str) -> Option<Response<Page>> {
     let token = path.strip_prefix(ACME_CHALLENGE)?;
-    let answer = gw
-        .acme_tokens
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .get(token)
-        .cloned()?;
+    let acme = snapshot.table.settings.acme.as_ref()?;
+    let answer = crate::acme::Storage::of(acme).challenge(crate::acme::Challenge::Http01, token)?;
     let mut resp = Response::new(Either::Right(Full::new(Bytes::from(answer))));
     resp.headers_mut().insert(
         header::CONTENT_TYPE,

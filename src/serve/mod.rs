@@ -384,7 +384,16 @@ async fn handshake(
 ) -> Option<crate::serve::tls::Accepted> {
     let limits = gw.snapshot().table.settings.limits;
     let lookup = |sni: &str| gw.snapshot().table.cert_for(sni).cloned();
-    let handshake = crate::serve::tls::accept(tcp, &gw.tls, lookup);
+    let challenge = |sni: &str| {
+        let snap = gw.snapshot();
+        let acme = snap.table.settings.acme.as_ref()?;
+        let digest =
+            crate::acme::Storage::of(acme).challenge(crate::acme::Challenge::TlsAlpn01, sni)?;
+        crate::acme::order::tls_alpn01_key(sni, &digest)
+            .map_err(|e| tracing::warn!(host = %sni, error = %crate::error::sentence(&e), "cannot answer tls-alpn-01"))
+            .ok()
+    };
+    let handshake = crate::serve::tls::accept(tcp, &gw.tls, lookup, challenge);
     let result = tokio::select! {
         r = tokio::time::timeout(limits.tls_handshake_timeout, handshake) => r,
         // A shutdown abandons handshakes still under way: they carry no request yet and must
@@ -403,6 +412,10 @@ async fn handshake(
     match result {
         Err(_) => {
             tracing::debug!(%peer, "TLS handshake timed out");
+            None
+        }
+        Ok(Err(crate::serve::tls::HandshakeError::AcmeChallenge)) => {
+            tracing::info!(%peer, "answered an ACME tls-alpn-01 validation");
             None
         }
         Ok(Err(e)) => {

@@ -33,6 +33,10 @@ pub enum HandshakeError {
     UnknownSni(String),
     #[error("TLS protocol error: {0}")]
     Protocol(io::Error),
+    /// Not a failure: a tls-alpn-01 validation was answered (RFC 8737 §3), after which the
+    /// connection closes.
+    #[error("answered an ACME tls-alpn-01 validation")]
+    AcmeChallenge,
 }
 
 impl HandshakeError {
@@ -41,6 +45,7 @@ impl HandshakeError {
         match self {
             HandshakeError::NoSni | HandshakeError::UnknownSni(_) => "unknown_sni",
             HandshakeError::Protocol(_) => "protocol_error",
+            HandshakeError::AcmeChallenge => "acme_challenge",
         }
     }
 }
@@ -170,16 +175,20 @@ impl ResolvesServerCert for Chosen {
 pub type Accepted<IO = tokio::net::TcpStream> = (TlsStream<IO>, Box<str>, Arc<CertEntry>);
 
 /// Runs the server side of a handshake on `io`. `lookup` maps a normalised SNI to its
-/// certificate (it reads the live table after the ClientHello has arrived). On success returns
-/// the stream, the normalised SNI and the certificate presented.
-pub async fn accept<IO, F>(
+/// certificate (it reads the live table after the ClientHello has arrived); `challenge` maps
+/// it to the certificate answering a tls-alpn-01 validation under way, asked only of a
+/// ClientHello that offers ALPN `acme-tls/1`. On success returns the stream, the normalised
+/// SNI and the certificate presented.
+pub async fn accept<IO, F, C>(
     io: IO,
     base: &Arc<ServerConfig>,
     lookup: F,
+    challenge: C,
 ) -> Result<Accepted<IO>, HandshakeError>
 where
     IO: AsyncRead + AsyncWrite + Unpin,
     F: FnOnce(&str) -> Option<Arc<CertEntry>>,
+    C: FnOnce(&str) -> Option<Arc<CertifiedKey>>,
 {
     // The ClientHello is read here, into a buffer that is then handed to the connection, so
     // that the certificate can be chosen (or the name refused) before rustls goes on.
@@ -234,6 +243,27 @@ where
             .map(Box::<str>::from)
             .ok_or_else(|| raw.to_string())
     });
+    // RFC 8737 §3: the CA offers `acme-tls/1` alone, and is answered before any name check
+    // (the host has no certificate yet), with the challenge certificate and that protocol;
+    // no application data follows.
+    let acme = hello
+        .alpn()
+        .is_some_and(|mut offered| offered.any(|p| p == crate::acme::order::ACME_TLS_ALPN));
+    if acme
+        && let Some(Ok(name)) = &sni
+        && let Some(key) = challenge(name)
+    {
+        let mut config = (**base).clone();
+        config.cert_resolver = Arc::new(Chosen(Some(key)));
+        config.alpn_protocols = vec![crate::acme::order::ACME_TLS_ALPN.to_vec()];
+        config.send_tls13_tickets = 0;
+        drop(start);
+        let mut stream = crate::serve::tls_stream::handshake(io, received, Arc::new(config))
+            .await
+            .map_err(HandshakeError::Protocol)?;
+        let _ = stream.shutdown().await;
+        return Err(HandshakeError::AcmeChallenge);
+    }
     let chosen = match &sni {
         Some(Ok(name)) => lookup(name),
         _ => None,
@@ -378,7 +408,7 @@ mod tests {
         let name = ServerName::try_from("tls.test").expect("name");
         let entry = s.entry.clone();
         let server = async {
-            let (mut stream, _, _) = accept(a, &s.base, |_| Some(entry))
+            let (mut stream, _, _) = accept(a, &s.base, |_| Some(entry), |_| None)
                 .await
                 .expect("server handshake");
             stream.write_all(b"hi").await.expect("write");

@@ -372,6 +372,12 @@ pub async fn handshake<IO: AsyncRead + AsyncWrite + Unpin>(
         match step {
             RustlsStep::Again => {}
             RustlsStep::Open if !s.conn.is_handshaking() => break,
+            // A client that closes right after its Finished (an ACME CA's tls-alpn-01
+            // validation does, RFC 8737 §3) completed the handshake: its close is read later.
+            RustlsStep::PeerClosed if !s.conn.is_handshaking() => {
+                s.read_closed = true;
+                break;
+            }
             RustlsStep::Blocked | RustlsStep::Open => {
                 poll_fn(|cx| s.poll_send(cx)).await?;
                 if poll_fn(|cx| s.poll_fill(cx)).await? == 0 {

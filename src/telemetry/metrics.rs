@@ -57,13 +57,19 @@ const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 /// Every listener label of `open_connections`.
 pub const LISTENERS: [&str; 2] = ["https", "http"];
 /// Every result label of `tls_handshakes` (`tls::HandshakeError::label`, or `ok`/`timeout`).
-pub const HANDSHAKE_RESULTS: [&str; 4] = ["ok", "timeout", "unknown_sni", "protocol_error"];
+pub const HANDSHAKE_RESULTS: [&str; 5] = [
+    "ok",
+    "timeout",
+    "unknown_sni",
+    "protocol_error",
+    "acme_challenge",
+];
 /// Every kind label of `upstream_errors` (`forward::ForwardError::label`).
 pub const UPSTREAM_ERROR_KINDS: [&str; 4] = ["connect", "timeout", "failed", "busy"];
 /// Every result label of `reloads`.
 pub const RELOAD_RESULTS: [&str; 2] = ["ok", "error"];
 /// Every result label of `acme_orders`.
-pub const ACME_ORDER_RESULTS: [&str; 2] = ["ok", "failed"];
+pub const ACME_ORDER_RESULTS: [&str; 3] = ["ok", "failed", "skipped"];
 /// Every source label of `certificates`: installed in certs/, or issued by the ACME CA.
 pub const CERT_SOURCES: [&str; 2] = ["uploaded", "acme"];
 

@@ -233,7 +233,11 @@ fn list_as_table_and_json() {
         row.contains("enterprise") && row.contains("verified") && row.ends_with("yes"),
         "{row}"
     );
-    assert!(row.contains("(89d)") || row.contains("(90d)"), "{row}");
+    // SPEC §4 "certificate (expiry)", with its source (SPEC §5).
+    assert!(
+        row.contains("uploaded, until ") && (row.contains("(89d)") || row.contains("(90d)")),
+        "{row}"
+    );
     // Columns line up: every row's HOST column starts where the header's does.
     let col = lines[0].find("HOST").expect("HOST");
     assert!(
