@@ -111,7 +111,8 @@ pub struct ReloadStatus {
     pub generation: u64,
     /// Whether the last attempt succeeded.
     pub ok: bool,
-    /// "loaded" or the errors, one per line.
+    /// "loaded", "applied the changed files" (`config::table::Loader::apply`), or the errors,
+    /// one per line.
     pub message: String,
     /// When the last attempt finished.
     pub at: SystemTime,

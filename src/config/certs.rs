@@ -180,45 +180,88 @@ impl CertCache {
                 return load;
             }
         };
-        let mut fresh = HashMap::with_capacity(files.len());
-        let mut parsed = Vec::with_capacity(files.len());
-        for path in files {
+        // Reading and parsing are independent per file: a cold start of 100,000 files runs
+        // them on every core (docs/performance.md, "100,000 tenants on files").
+        let cached = &self.files;
+        let one = |path: PathBuf| -> FileOutcome {
             // A settled file whose stamp did not change is not read again.
             let stamp = Stamp::of(&path);
-            if let (Some((hash, Some(old), entry)), Some((now, mode))) =
-                (self.files.get(&path), stamp)
+            if let (Some((hash, Some(old), entry)), Some((now, mode))) = (cached.get(&path), stamp)
                 && *old == now
             {
-                let (hash, entry) = (*hash, entry.clone());
-                warn_key_mode(&path, mode, &entry, &mut load.warnings);
-                fresh.insert(path.clone(), (hash, Some(now), entry.clone()));
-                parsed.push((path, hash, entry));
-                continue;
+                return Ok((path, *hash, Some(now), mode, entry.clone()));
             }
             let (bytes, mode) = match read_with_mode(&path) {
                 Ok(b) => b,
                 Err(e) => {
-                    load.errors.push(ConfigError::file(
+                    return Err(ConfigError::file(
                         &path,
                         format!("cannot read the file: {e}"),
                     ));
-                    continue;
                 }
             };
             let hash = content_hash(&bytes);
-            let entry = match self.files.get(&path) {
+            let entry = match cached.get(&path) {
                 Some((h, _, p)) if *h == hash => p.clone(),
                 _ => Arc::new(parse_file(&bytes, provider)),
             };
-            warn_key_mode(&path, mode, &entry, &mut load.warnings);
             let settled = stamp.and_then(|(st, _)| st.settled().then_some(st));
-            fresh.insert(path.clone(), (hash, settled, entry.clone()));
-            parsed.push((path, hash, entry));
+            Ok((path, hash, settled, mode, entry))
+        };
+        let outcomes = in_parallel(files, &one);
+        let mut fresh = HashMap::with_capacity(outcomes.len());
+        let mut parsed = Vec::with_capacity(outcomes.len());
+        for outcome in outcomes {
+            match outcome {
+                Ok((path, hash, settled, mode, entry)) => {
+                    warn_key_mode(&path, mode, &entry, &mut load.warnings);
+                    fresh.insert(path.clone(), (hash, settled, entry.clone()));
+                    parsed.push((path, hash, entry));
+                }
+                Err(e) => load.errors.push(e),
+            }
         }
         self.files = fresh;
         self.entries = pair(&parsed, &self.entries, &mut load);
         load
     }
+}
+
+/// One file of `CertCache::load`: path, content hash, stamp when settled, mode, parse.
+type FileOutcome = Result<
+    (
+        PathBuf,
+        u64,
+        Option<Stamp>,
+        u32,
+        Arc<Result<ParsedFile, String>>,
+    ),
+    ConfigError,
+>;
+
+/// `f` over `items` on up to as many threads as there are cores, results in `items`' order.
+/// Small inputs stay on the calling thread.
+pub(crate) fn in_parallel<T: Send, R: Send>(items: Vec<T>, f: &(impl Fn(T) -> R + Sync)) -> Vec<R> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if threads < 2 || items.len() < 512 {
+        return items.into_iter().map(f).collect();
+    }
+    let size = items.len().div_ceil(threads);
+    let mut chunks: Vec<Vec<T>> = Vec::with_capacity(threads);
+    let mut items = items.into_iter().peekable();
+    while items.peek().is_some() {
+        chunks.push(items.by_ref().take(size).collect());
+    }
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = chunks
+            .into_iter()
+            .map(|chunk| scope.spawn(move || chunk.into_iter().map(f).collect::<Vec<R>>()))
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    })
 }
 
 /// What `stat` says of a file: enough to tell, for a file not modified in the last few

@@ -13,18 +13,31 @@ use tokio::sync::{mpsc, watch};
 use crate::config::ConfigError;
 use crate::state::{Gateway, snapshot_for};
 
-/// How long the folders must be quiet before a reload starts (editors write in bursts).
-const DEBOUNCE: Duration = Duration::from_millis(100);
+/// How long the folders must be quiet before a reload starts (editors write in bursts; the
+/// CLI's temporary file and rename come within a millisecond). Short, since a change to a few
+/// files is applied alone (`Loader::apply`) and costs little.
+const DEBOUNCE: Duration = Duration::from_millis(25);
 /// A steady stream of changes still reloads at least this often.
 const MAX_DELAY: Duration = Duration::from_millis(1000);
 
 /// Rebuilds the table from disk and publishes it, or keeps the old one. Blocking: call it
 /// from `spawn_blocking`. Returns the generation now served.
 pub fn reload_now(gw: &Gateway) -> Result<u64, Vec<ConfigError>> {
+    reload(gw, None)
+}
+
+/// Like [`reload_now`], for a change to the files at `changed` only (`None`: anything may have
+/// changed): applied to the live table alone when the loader can (`Loader::apply`), else
+/// a full load.
+pub fn reload(gw: &Gateway, changed: Option<&[PathBuf]>) -> Result<u64, Vec<ConfigError>> {
     let started = Instant::now();
-    // One reload at a time; the loader's caches make it incremental.
+    // One reload at a time; the loader's caches make a full load re-read only changed files.
     let mut loader = gw.loader.lock().unwrap_or_else(|p| p.into_inner());
-    let result = loader.load(&gw.config_path);
+    let live = gw.live.load_full();
+    let applied = changed.and_then(|c| loader.apply(&live.table, c));
+    let incremental = applied.is_some();
+    let result = applied.unwrap_or_else(|| loader.load(&gw.config_path));
+    drop(live);
     let took = started.elapsed();
     let mut status = gw.status.lock().unwrap_or_else(|p| p.into_inner());
     status.at = SystemTime::now();
@@ -43,13 +56,26 @@ pub fn reload_now(gw: &Gateway) -> Result<u64, Vec<ConfigError>> {
                 tracing::warn!("{w}");
             }
             gw.apply_limits(&table.settings.limits);
-            gw.metrics.set_certs(&table);
+            // 100,000 expiry series are not rebuilt for a change that kept every certificate.
+            let same_certs = table.certs.len() == old.table.certs.len()
+                && table
+                    .certs
+                    .iter()
+                    .zip(&old.table.certs)
+                    .all(|(a, b)| Arc::ptr_eq(a, b));
+            if !same_certs {
+                gw.metrics.set_certs(&table);
+            }
             let snap = snapshot_for(table, Some(&old));
             let generation = snap.generation;
             gw.live.store(Arc::new(snap));
             status.generation = generation;
             status.ok = true;
-            status.message = "loaded".into();
+            status.message = if incremental {
+                "applied the changed files".into()
+            } else {
+                "loaded".into()
+            };
             status.succeeded += 1;
             gw.metrics.generation.set(generation);
             gw.metrics
@@ -59,6 +85,7 @@ pub fn reload_now(gw: &Gateway) -> Result<u64, Vec<ConfigError>> {
             tracing::info!(
                 generation,
                 took_ms = took.as_millis() as u64,
+                incremental,
                 "configuration reloaded"
             );
             Ok(generation)
@@ -145,7 +172,7 @@ impl Watched {
 /// change made after `start` returns can be missed.
 pub struct Reloader {
     gw: Arc<Gateway>,
-    rx: mpsc::UnboundedReceiver<()>,
+    rx: mpsc::UnboundedReceiver<Option<PathBuf>>,
     watcher: Option<notify::RecommendedWatcher>,
     watched: BTreeSet<PathBuf>,
     /// What the watcher's events are matched against; updated after each reload.
@@ -155,7 +182,9 @@ pub struct Reloader {
 impl Reloader {
     /// Starts watching the folders of `gw`'s configuration, and SIGHUP.
     pub fn new(gw: Arc<Gateway>) -> Reloader {
-        let (tx, rx) = mpsc::unbounded_channel::<()>();
+        // Each relevant path changed, or `None`: anything may have changed (SIGHUP, an event
+        // without paths, a watcher error such as a queue overflow).
+        let (tx, rx) = mpsc::unbounded_channel::<Option<PathBuf>>();
         let fs_tx = tx.clone();
         let relevant = Arc::new(RwLock::new(Watched::of(&gw)));
         let files = relevant.clone();
@@ -173,8 +202,13 @@ impl Reloader {
                             notify::event::AccessKind::Open(_) | notify::event::AccessKind::Read
                         )
                     ) => {}
+                Ok(ev) if !ev.paths.is_empty() && !ev.need_rescan() => {
+                    for p in ev.paths.into_iter().filter(|p| read.relevant(p)) {
+                        let _ = fs_tx.send(Some(p));
+                    }
+                }
                 Ok(_) | Err(_) => {
-                    let _ = fs_tx.send(());
+                    let _ = fs_tx.send(None);
                 }
             }
         });
@@ -191,7 +225,7 @@ impl Reloader {
                 tokio::spawn(async move {
                     while hup.recv().await.is_some() {
                         tracing::info!("SIGHUP received: reloading");
-                        if tx.send(()).is_err() {
+                        if tx.send(None).is_err() {
                             return;
                         }
                     }
@@ -226,10 +260,15 @@ async fn run(r: Reloader, mut stop: watch::Receiver<bool>) {
         relevant,
     } = r;
     loop {
-        tokio::select! {
+        let first_change = tokio::select! {
             _ = crate::state::stopped(&mut stop) => return,
-            got = rx.recv() => if got.is_none() { return },
-        }
+            got = rx.recv() => match got {
+                Some(c) => c,
+                None => return,
+            },
+        };
+        // The paths changed in this burst; `None` once anything may have.
+        let mut changed: Option<Vec<PathBuf>> = first_change.map(|p| vec![p]);
         // Debounce: wait for a quiet spell, but not forever.
         let first = Instant::now();
         loop {
@@ -238,12 +277,17 @@ async fn run(r: Reloader, mut stop: watch::Receiver<bool>) {
                 break;
             }
             match tokio::time::timeout(DEBOUNCE.min(left), rx.recv()).await {
-                Ok(Some(())) => continue,
+                Ok(Some(Some(p))) => {
+                    if let Some(c) = changed.as_mut() {
+                        c.push(p);
+                    }
+                }
+                Ok(Some(None)) => changed = None,
                 Ok(None) | Err(_) => break,
             }
         }
         let g = gw.clone();
-        let _ = tokio::task::spawn_blocking(move || reload_now(&g)).await;
+        let _ = tokio::task::spawn_blocking(move || reload(&g, changed.as_deref())).await;
         *relevant.write().unwrap_or_else(|p| p.into_inner()) = Watched::of(&gw);
         rewatch(&mut watcher, &mut watched, folders(&gw));
     }

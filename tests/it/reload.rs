@@ -219,6 +219,15 @@ async fn new_and_deleted_files_are_picked_up() {
         becomes(&gw, "webmail.example.info", StatusCode::MISDIRECTED_REQUEST).await,
         "deleted tenant"
     );
+    // Issue 27: a tenant file removed is applied to the live table alone, without a full
+    // load of the others.
+    let message = gw
+        .gateway
+        .status
+        .lock()
+        .map(|s| s.message.clone())
+        .unwrap_or_default();
+    assert_eq!(message, "applied the changed files");
     gw.stop().await.expect("gateway task");
 }
 
