@@ -179,12 +179,21 @@ impl Issuer {
         if self.last_reload.elapsed() < RELOAD_EVERY {
             return;
         }
+        // The files written since the last look are applied alone (a full load of 100,000
+        // tenants per issued certificate would keep the gateway reloading); a removal, or a
+        // first look, loads everything.
+        let since = self.certs_seen;
         // A change within the file system's timestamp granularity of this one would leave
         // the same time: a time this fresh is looked at again next time.
         self.certs_seen = changed.filter(|t| t.elapsed().is_ok_and(|e| e > FRESH));
         self.last_reload = Instant::now();
         let g = self.gw.clone();
-        let _ = tokio::task::spawn_blocking(move || crate::control::reload::reload_now(&g)).await;
+        let dir = acme.certs_dir();
+        let _ = tokio::task::spawn_blocking(move || {
+            let written = since.and_then(|t| written_since(&dir, t - FRESH));
+            crate::control::reload::reload(&g, written.as_deref())
+        })
+        .await;
     }
 
     /// Opens (or makes) the account for `acme` unless it is open, backing off on failure.
@@ -477,6 +486,23 @@ fn certs_changed(acme: &Acme) -> Option<SystemTime> {
     std::fs::metadata(acme.certs_dir())
         .and_then(|m| m.modified())
         .ok()
+}
+
+/// The files in `dir` modified at `since` or later; `None` if there are none (a file was
+/// removed) or the folder cannot be read.
+fn written_since(dir: &std::path::Path, since: SystemTime) -> Option<Vec<std::path::PathBuf>> {
+    let files: Vec<_> = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(Result::ok)
+        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+        .filter(|e| {
+            e.metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t >= since)
+        })
+        .map(|e| e.path())
+        .collect();
+    (!files.is_empty()).then_some(files)
 }
 
 /// One host's order: its lock, the checks right before ordering, then the order itself.

@@ -20,15 +20,10 @@ const DEBOUNCE: Duration = Duration::from_millis(25);
 /// A steady stream of changes still reloads at least this often.
 const MAX_DELAY: Duration = Duration::from_millis(1000);
 
-/// Rebuilds the table from disk and publishes it, or keeps the old one. Blocking: call it
-/// from `spawn_blocking`. Returns the generation now served.
-pub fn reload_now(gw: &Gateway) -> Result<u64, Vec<ConfigError>> {
-    reload(gw, None)
-}
-
-/// Like [`reload_now`], for a change to the files at `changed` only (`None`: anything may have
-/// changed): applied to the live table alone when the loader can (`Loader::apply`), else
-/// a full load.
+/// Builds the table from disk and publishes it, or keeps the old one; `changed` names the
+/// files changed since the live table was built (`None`: anything may have changed), which
+/// are applied to it alone when the loader can (`Loader::apply`), else everything is loaded.
+/// Blocking: call it from `spawn_blocking`. Returns the generation now served.
 pub fn reload(gw: &Gateway, changed: Option<&[PathBuf]>) -> Result<u64, Vec<ConfigError>> {
     let started = Instant::now();
     // One reload at a time; the loader's caches make a full load re-read only changed files.

@@ -424,6 +424,14 @@ async fn an_issued_certificate_with_a_third_of_its_life_left_is_renewed() {
             .is_ok()
     );
     assert!(!f.path().join("acme/certs/webmail.example.net.pem").exists());
+    // The renewed file was applied to the live table alone, not with a load of everything.
+    let message = gw
+        .gateway
+        .status
+        .lock()
+        .map(|s| s.message.clone())
+        .unwrap_or_default();
+    assert_eq!(message, "applied the changed files");
     gw.stop().await.expect("gateway task");
 }
 
