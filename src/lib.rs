@@ -18,8 +18,9 @@
 //! Imports point down this list: serve -> control, proxy -> upstream -> state -> config,
 //! telemetry, shard; `acme` sits beside `ops` and imports `config` and `ops::dns` only.
 //! `state` imports none of the modules that use it; `ops` reads `config` (and `acme` for
-//! `cert issue` and `cert status`), never the serving side. A store other than files (etcd)
-//! will sit beside `config`'s loader and under `control`.
+//! `cert issue` and `cert status`), never the serving side. `store` (SPEC §6, the `etcd`
+//! feature) keeps the `[paths]` folders a copy of etcd, so the reload serves etcd's changes
+//! as it serves file edits.
 
 pub mod acme;
 pub mod config;
@@ -32,5 +33,6 @@ pub mod proxy;
 pub mod serve;
 mod shard;
 pub mod state;
+pub mod store;
 pub mod telemetry;
 pub mod upstream;

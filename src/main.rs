@@ -61,6 +61,9 @@ enum Command {
     /// Install a certificate for a host.
     #[command(subcommand)]
     Cert(CertCmd),
+    /// The etcd store (SPEC §6): import the files of [paths], or export it as files.
+    #[command(subcommand)]
+    Store(StoreCmd),
     /// Run the gateway on loopback with a demo backend and throwaway certificates.
     Demo {
         /// HTTPS listener for the demo.
@@ -118,6 +121,14 @@ enum DomainCmd {
 }
 
 #[derive(Subcommand, Debug)]
+enum StoreCmd {
+    /// Copy the tenant and certificate files of [paths] into the etcd store.
+    Import,
+    /// Write the etcd store out under DIR as tenants/, certs/ and a gateway.toml.
+    Export { dir: PathBuf },
+}
+
+#[derive(Subcommand, Debug)]
 enum CertCmd {
     /// Validate and install a certificate chain and key for HOST into certs/.
     Install {
@@ -165,6 +176,13 @@ fn main() -> ExitCode {
         Command::Cert(CertCmd::Status { host, json }) => {
             cert_status(&cli.config, host.as_deref(), json)
         }
+        Command::Store(cmd) => runtime().and_then(|rt| {
+            let done = match cmd {
+                StoreCmd::Import => rt.block_on(ops::store::import(&cli.config)),
+                StoreCmd::Export { dir } => rt.block_on(ops::store::export(&cli.config, &dir)),
+            };
+            done.map(|l| println!("{l}")).map_err(MainError::from)
+        }),
         Command::Serve => runtime().and_then(|rt| rt.block_on(serve(cli.config, json))),
         Command::Demo { https, http } => runtime().and_then(|rt| {
             let opts = demo::DemoOptions {

@@ -119,6 +119,42 @@ pub struct RawGateway {
     pub limits: RawLimits,
     /// SPEC §5: certificates ordered from an ACME CA; absent, nothing is ordered.
     pub acme: Option<Spanned<RawAcme>>,
+    /// SPEC §6: where tenants and certificates live; absent, the files of `[paths]`.
+    pub store: Option<Spanned<RawStore>>,
+}
+
+/// `[store]` as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStore {
+    #[serde(default)]
+    pub kind: Option<Spanned<String>>,
+    #[serde(default)]
+    pub endpoints: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub prefix: Option<Spanned<String>>,
+    #[serde(default)]
+    pub ca_file: Option<Spanned<String>>,
+    #[serde(default)]
+    pub cert_file: Option<Spanned<String>>,
+    #[serde(default)]
+    pub key_file: Option<Spanned<String>>,
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub password: Option<String>,
+}
+
+/// Validated `[store] kind = "etcd"` (SPEC §6). With it, `[paths]` tenants and certs are the
+/// gateway's local copy of the store, written by the gateway only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdStore {
+    /// `http://host:port` endpoints of the etcd cluster.
+    pub endpoints: Vec<String>,
+    /// Every key lives under it; ends with `/`.
+    pub prefix: String,
+    /// User and password, when etcd has authentication on.
+    pub user: Option<(String, String)>,
 }
 
 /// `[acme]` as written.
@@ -321,6 +357,8 @@ pub struct Settings {
     pub certs_dir: PathBuf,
     pub limits: Limits,
     pub acme: Option<Acme>,
+    /// `[store] kind = "etcd"`; `None`: the files of `[paths]` are the store.
+    pub etcd: Option<EtcdStore>,
 }
 
 /// Listener addresses; `None` is a listener turned off.
@@ -500,6 +538,17 @@ pub fn load_gateway(src: &Source) -> Result<(Settings, Vec<Spanned<String>>), Ve
         .as_ref()
         .and_then(|a| parse_acme(src, &config_dir, a.get_ref(), &mut errors));
 
+    let etcd = raw
+        .store
+        .as_ref()
+        .and_then(|st| parse_store(src, st, &mut errors));
+    if let (Some(a), Some(_)) = (&raw.acme, &etcd) {
+        errors.push(src.error_at(
+            a.span(),
+            "[acme] with store.kind = \"etcd\" is not supported yet: every gateway of the fleet would order the same certificates",
+        ));
+    }
+
     match (cname_target, backend) {
         (Some(cname_target), Some(backend)) if errors.is_empty() => Ok((
             Settings {
@@ -512,6 +561,7 @@ pub fn load_gateway(src: &Source) -> Result<(Settings, Vec<Spanned<String>>), Ve
                 certs_dir,
                 limits,
                 acme,
+                etcd,
             },
             raw.platform.hosts,
         )),
@@ -625,6 +675,91 @@ fn parse_acme(
         eab,
         nameserver,
         orders_in_flight,
+    })
+}
+
+/// `[store]`, checked: `kind` files or etcd; for etcd, http endpoints and a prefix ending in
+/// `/`. TLS to etcd (`ca_file`, `cert_file`, `key_file`) is refused for now, in so many words.
+fn parse_store(
+    src: &Source,
+    raw: &Spanned<RawStore>,
+    errors: &mut Vec<ConfigError>,
+) -> Option<EtcdStore> {
+    let st = raw.get_ref();
+    let kind = st.kind.as_ref().map_or("files", |k| k.get_ref().as_str());
+    match kind {
+        "files" => return None,
+        "etcd" => {}
+        other => {
+            let span = st.kind.as_ref().map_or(raw.span(), |k| k.span());
+            errors.push(src.error_at(
+                span,
+                format!("store.kind: `{other}` is not \"files\" or \"etcd\""),
+            ));
+            return None;
+        }
+    }
+    let before = errors.len();
+    if !cfg!(feature = "etcd") {
+        errors.push(src.error_at(
+            raw.span(),
+            "store.kind = \"etcd\" needs a logon-gate built with `--features etcd`",
+        ));
+    }
+    if st.endpoints.is_empty() {
+        errors.push(src.error_at(
+            raw.span(),
+            "store.endpoints: name at least one etcd endpoint",
+        ));
+    }
+    let mut endpoints = Vec::new();
+    for e in &st.endpoints {
+        match e.get_ref().parse::<http::Uri>() {
+            Ok(u) if u.scheme_str() == Some("http") && u.host().is_some() => {
+                endpoints.push(e.get_ref().clone())
+            }
+            _ => errors.push(src.error_at(
+                e.span(),
+                format!(
+                    "store.endpoints: `{}` is not an http://host:port URL (TLS to etcd is not supported yet)",
+                    e.get_ref()
+                ),
+            )),
+        }
+    }
+    for (key, v) in [
+        ("ca_file", &st.ca_file),
+        ("cert_file", &st.cert_file),
+        ("key_file", &st.key_file),
+    ] {
+        if let Some(v) = v.as_ref().filter(|v| !v.get_ref().is_empty()) {
+            errors.push(src.error_at(
+                v.span(),
+                format!("store.{key}: TLS to etcd is not supported yet"),
+            ));
+        }
+    }
+    let prefix = st
+        .prefix
+        .as_ref()
+        .map_or("/logon-gate/", |p| p.get_ref().as_str())
+        .to_owned();
+    if !prefix.ends_with('/') {
+        let span = st.prefix.as_ref().map_or(raw.span(), |p| p.span());
+        errors.push(src.error_at(span, format!("store.prefix: `{prefix}` must end with `/`")));
+    }
+    let user = match (&st.user, &st.password) {
+        (Some(u), Some(p)) => Some((u.clone(), p.clone())),
+        (None, None) => None,
+        _ => {
+            errors.push(src.error_at(raw.span(), "store: user and password go together"));
+            None
+        }
+    };
+    (errors.len() == before).then_some(EtcdStore {
+        endpoints,
+        prefix,
+        user,
     })
 }
 
@@ -822,6 +957,53 @@ mod tests {
             "{}",
             errs[0]
         );
+    }
+
+    #[test]
+    fn store_keys_are_checked() {
+        let base =
+            "cname_target = \"logon.provider.test\"\n[backend]\nurl = \"http://127.0.0.1:8080\"\n";
+        let (files, _) =
+            load_gateway(&src(&format!("{base}[store]\nkind = \"files\"\n"))).expect("files");
+        assert_eq!(files.etcd, None);
+        let etcd =
+            format!("{base}[store]\nkind = \"etcd\"\nendpoints = [\"http://127.0.0.1:2379\"]\n");
+        match (load_gateway(&src(&etcd)), cfg!(feature = "etcd")) {
+            (Ok((s, _)), true) => {
+                let e = s.etcd.expect("etcd");
+                assert_eq!(e.prefix, "/logon-gate/");
+                assert_eq!(e.endpoints, ["http://127.0.0.1:2379"]);
+            }
+            (Err(errors), false) => assert!(
+                errors
+                    .iter()
+                    .any(|e| e.to_string().contains("--features etcd")),
+                "{errors:?}"
+            ),
+            (r, built_with_etcd) => panic!("built with etcd: {built_with_etcd}: {:?}", r.err()),
+        }
+        for (bad, words) in [
+            ("kind = \"consul\"", "is not \"files\" or \"etcd\""),
+            ("kind = \"etcd\"", "name at least one etcd endpoint"),
+            (
+                "kind = \"etcd\"\nendpoints = [\"https://e:2379\"]",
+                "TLS to etcd is not supported yet",
+            ),
+            (
+                "kind = \"etcd\"\nendpoints = [\"http://e:2379\"]\nprefix = \"/lg\"",
+                "must end with `/`",
+            ),
+            (
+                "kind = \"etcd\"\nendpoints = [\"http://e:2379\"]\nuser = \"u\"",
+                "user and password go together",
+            ),
+        ] {
+            let errors = load_gateway(&src(&format!("{base}[store]\n{bad}\n"))).expect_err(bad);
+            assert!(
+                errors.iter().any(|e| e.to_string().contains(words)),
+                "{bad}: {errors:?}"
+            );
+        }
     }
 
     #[test]

@@ -108,6 +108,7 @@ pub fn install(
     let _lock = edit::lock(config)?;
     let mut loader = crate::config::table::Loader::new(provider);
     let table = edit::load(&mut loader, config)?;
+    edit::not_etcd(&table, config)?;
     let dest = table.settings.certs_dir.join(format!("{host}.pem"));
     let new_leaf = entry
         .key

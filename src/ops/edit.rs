@@ -88,6 +88,7 @@ where
     let _lock = lock(config)?;
     let mut loader = Loader::new(crate::config::crypto_provider());
     let table = load(&mut loader, config)?;
+    not_etcd(&table, config)?;
     let (path, text, message) = change(&table)?;
     let overrides = HashMap::from([(path.clone(), text.clone())]);
     if let Err(errors) = loader.load_with(config, &overrides) {
@@ -98,6 +99,20 @@ where
     }
     write_atomic(&path, text.as_bytes(), 0o644)?;
     Ok(message)
+}
+
+/// Refuses an edit of files that are only the gateway's copy of an etcd store (SPEC §6): it
+/// would be overwritten by the store, and lost.
+pub fn not_etcd(table: &Table, config: &Path) -> Result<(), OpError> {
+    match &table.settings.etcd {
+        Some(store) => Err(OpError::Refused(format!(
+            "{} keeps tenants and certificates in etcd ({}), and the CLI does not edit etcd yet: change the keys under {} with etcdctl, or edit files and `store import` them",
+            config.display(),
+            store.endpoints.join(", "),
+            store.prefix
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// Parses a tenant file for editing.

@@ -7,6 +7,7 @@ pub mod check;
 pub mod dns;
 pub mod edit;
 pub mod lifecycle;
+pub mod store;
 
 pub use check::{check, summary};
 

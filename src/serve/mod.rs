@@ -81,6 +81,8 @@ impl Running {
 /// Loads the configuration, binds the listeners and starts serving. Returns once the sockets
 /// are bound, so the addresses in `Running` accept connections.
 pub async fn start(config_path: &Path) -> Result<Running, StartError> {
+    #[cfg(feature = "etcd")]
+    let follow = copy_the_store(config_path).await;
     let (table, loader) = load(config_path).await?;
     let listeners = Listeners::bind(&table).await?;
     let gateway = shared_state(table, loader, &listeners, config_path)?;
@@ -91,6 +93,15 @@ pub async fn start(config_path: &Path) -> Result<Running, StartError> {
         listeners.admin_addr,
     );
     let task = spawn(listeners, gateway.clone(), stop_rx)?;
+    #[cfg(feature = "etcd")]
+    if let Some((store, mirror, revision)) = follow {
+        tokio::spawn(crate::store::etcd::follow(
+            store,
+            mirror,
+            revision,
+            stop.subscribe(),
+        ));
+    }
     Ok(Running {
         https,
         http,
@@ -99,6 +110,35 @@ pub async fn start(config_path: &Path) -> Result<Running, StartError> {
         stop,
         task,
     })
+}
+
+/// Step 0, with `[store] kind = "etcd"`: the local copy made equal to the store before the
+/// first load, so the first table is the store's. An etcd out of reach leaves the copy as it
+/// was (the table the gateway last served), and following it goes on retrying.
+#[cfg(feature = "etcd")]
+async fn copy_the_store(
+    config_path: &Path,
+) -> Option<(crate::config::EtcdStore, crate::store::Mirror, i64)> {
+    let src = crate::config::Source::read(config_path).ok()?;
+    let (settings, _) = crate::config::load_gateway(&src).ok()?;
+    let store = settings.etcd.clone()?;
+    let mirror = crate::store::Mirror::of(&settings);
+    let bounded = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        crate::store::etcd::sync(&store, &mirror),
+    );
+    let revision = match bounded.await {
+        Ok(Ok(rev)) => rev,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %crate::error::sentence(&e), "cannot read the etcd store; serving the local copy");
+            0
+        }
+        Err(_) => {
+            tracing::warn!("the etcd store did not answer in 5 s; serving the local copy");
+            0
+        }
+    };
+    Some((store, mirror, revision))
 }
 
 /// Step 1: the configuration, read and validated off the async threads.

@@ -9,6 +9,8 @@ mod support;
 mod acme;
 mod admin;
 mod cli;
+#[cfg(feature = "etcd")]
+mod etcd;
 mod gateway;
 mod hardening;
 mod lifecycle;
