@@ -12,17 +12,8 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn tenant(i: usize, extra: Option<&str>) -> String {
-    let mut s = format!(
-        "domain = \"tenant{i}.example\"\nedition = \"enterprise\"\n\n[[logon]]\nhost = \"webmail.tenant{i}.example\"\ncname = \"verified\"\nicp = \"filed\"\nicp_number = \"ICP-{i}\"\nenabled = true\n"
-    );
-    if let Some(h) = extra {
-        s.push_str(&format!(
-            "\n[[logon]]\nhost = \"{h}\"\ncname = \"pending\"\nicp = \"pending\"\nenabled = false\n"
-        ));
-    }
-    s
-}
+#[path = "common/mod.rs"]
+mod common;
 
 /// Writes `text` to `path` as the CLI does: a temporary file in the same folder, renamed.
 fn write_atomic(path: &Path, text: &str) {
@@ -32,36 +23,6 @@ fn write_atomic(path: &Path, text: &str) {
     ));
     std::fs::write(&tmp, text).expect("write");
     std::fs::rename(&tmp, path).expect("rename");
-}
-
-fn generate(dir: &Path, n: usize, http: u16) {
-    std::fs::create_dir_all(dir.join("tenants")).expect("mkdir");
-    std::fs::create_dir_all(dir.join("certs")).expect("mkdir");
-    std::fs::write(
-        dir.join("gateway.toml"),
-        format!(
-            "cname_target = \"logon.provider.test\"\n[listen]\nhttps = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:{http}\"\nadmin = \"\"\n[backend]\nurl = \"http://127.0.0.1:9\"\n[paths]\ntenants = \"tenants\"\ncerts = \"certs\"\n"
-        ),
-    )
-    .expect("write");
-    let pki = logon_gate::pki::Pki::new("scale bench CA").expect("ca");
-    for i in 0..n {
-        std::fs::write(
-            dir.join("tenants").join(format!("tenant{i}.example.toml")),
-            tenant(i, None),
-        )
-        .expect("write");
-        let issued = pki
-            .issue(&[&format!("webmail.tenant{i}.example")])
-            .expect("issue");
-        let path = dir.join("certs").join(format!("tenant{i}.pem"));
-        std::fs::write(&path, format!("{}{}", issued.cert_pem, issued.key_pem)).expect("write");
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt as _;
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
-        }
-    }
 }
 
 /// The status code the gateway answers a plain-HTTP GET for `host` with.
@@ -119,7 +80,11 @@ fn main() {
         l.local_addr().expect("addr").port()
     };
     let t = Instant::now();
-    generate(dir.path(), n, http);
+    common::generate(
+        dir.path(),
+        n,
+        &format!("[listen]\nhttps = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:{http}\"\nadmin = \"\"\n"),
+    );
     eprintln!(
         "generated {n} tenants and certificates in {:?}",
         t.elapsed()
@@ -158,7 +123,7 @@ fn main() {
             .join("tenants")
             .join(format!("tenant{i}.example.toml"));
         let t = Instant::now();
-        write_atomic(&file, &tenant(i, Some(&host)));
+        write_atomic(&file, &common::tenant(i, true, Some(&host)));
         loop {
             if status(http, &host) == Some(403) {
                 break;

@@ -425,12 +425,7 @@ async fn an_issued_certificate_with_a_third_of_its_life_left_is_renewed() {
     );
     assert!(!f.path().join("acme/certs/webmail.example.net.pem").exists());
     // The renewed file was applied to the live table alone, not with a load of everything.
-    let message = gw
-        .gateway
-        .status
-        .lock()
-        .map(|s| s.message.clone())
-        .unwrap_or_default();
+    let message = reload_message(&gw);
     assert_eq!(message, "applied the changed files");
     gw.stop().await.expect("gateway task");
 }
@@ -446,6 +441,32 @@ async fn cert_issue(config: &std::path::Path, host: &str) -> std::process::Outpu
         .await
         .expect("cert issue ended within 120 s")
         .expect("run cert issue")
+}
+
+/// The value of the series `series` (name and labels, as /metrics writes them) in `metrics`.
+fn metric(metrics: &str, series: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Starts a [`Setup`] with `opts` and waits until it serves webmail.example.org with a
+/// certificate from Pebble; returns it and Pebble's root. `what` names the case in the failure.
+async fn issued(opts: Opts, what: &str) -> (Setup, Vec<u8>) {
+    let s = Setup::with(opts, |_| {}).await;
+    let root = s.pebble.root(&s.f).await;
+    let served = served_by(
+        s.https,
+        &root,
+        "webmail.example.org",
+        Duration::from_secs(60),
+    )
+    .await;
+    let log = std::fs::read_to_string(s.f.path().join("pebble/pebble.log")).unwrap_or_default();
+    assert!(served, "not issued {what} within 60 s; Pebble said:\n{log}");
+    (s, root)
 }
 
 /// `storage/state/<host>.json`, once it exists.
@@ -466,28 +487,14 @@ async fn an_enabled_address_gets_a_certificate_over_tls_alpn01() {
         challenges: "[\"tls-alpn-01\"]",
         eab: false,
     };
-    let Setup {
-        f,
-        pebble,
-        gw,
-        https,
-        ..
-    } = Setup::with(opts, |_| {}).await;
-    let root = pebble.root(&f).await;
-    let served = served_by(https, &root, "webmail.example.org", Duration::from_secs(60)).await;
-    let log = std::fs::read_to_string(f.path().join("pebble/pebble.log")).unwrap_or_default();
-    assert!(
-        served,
-        "not issued over tls-alpn-01 within 60 s; Pebble said:\n{log}"
-    );
+    let (Setup { f, gw, https, .. }, root) = issued(opts, "over tls-alpn-01").await;
     // The validation was answered in the handshake, and nothing was left behind.
     let mut admin = http_client(gw.admin.expect("admin listener")).await;
     let m = admin.get("localhost", "/metrics").await.text();
-    let answered = m
-        .lines()
-        .find_map(|l| l.strip_prefix("logon_gate_tls_handshakes_total{result=\"acme_challenge\"} "))
-        .and_then(|n| n.parse::<u64>().ok())
-        .unwrap_or(0);
+    let answered = metric(
+        &m,
+        "logon_gate_tls_handshakes_total{result=\"acme_challenge\"}",
+    );
     assert!(answered >= 1, "no acme-tls/1 handshake counted:\n{m}");
     let left = std::fs::read_dir(f.path().join("acme/challenges/tls-alpn-01"))
         .map(|d| d.count())
@@ -667,14 +674,10 @@ async fn a_failing_host_backs_off_and_a_moved_cname_is_never_ordered() {
     let mut admin = http_client(gw.admin.expect("admin listener")).await;
     let m = admin.get("localhost", "/metrics").await.text();
     let count = |result: &str| {
-        m.lines()
-            .find_map(|l| {
-                l.strip_prefix(&format!(
-                    "logon_gate_acme_orders_total{{result=\"{result}\"}} "
-                ))
-            })
-            .and_then(|n| n.parse::<u64>().ok())
-            .unwrap_or(0)
+        metric(
+            &m,
+            &format!("logon_gate_acme_orders_total{{result=\"{result}\"}}"),
+        )
     };
     assert!(count("skipped") >= 1 && count("failed") >= 3, "{m}");
     // /status carries the same facts.
@@ -707,19 +710,6 @@ async fn a_ca_requiring_external_account_binding_issues() {
         challenges: "[\"http-01\"]",
         eab: true,
     };
-    let Setup {
-        f,
-        pebble,
-        gw,
-        https,
-        ..
-    } = Setup::with(opts, |_| {}).await;
-    let root = pebble.root(&f).await;
-    let served = served_by(https, &root, "webmail.example.org", Duration::from_secs(60)).await;
-    let log = std::fs::read_to_string(f.path().join("pebble/pebble.log")).unwrap_or_default();
-    assert!(
-        served,
-        "not issued with EAB within 60 s; Pebble said:\n{log}"
-    );
+    let (Setup { gw, .. }, _) = issued(opts, "with EAB").await;
     gw.stop().await.expect("gateway task");
 }

@@ -221,12 +221,7 @@ async fn new_and_deleted_files_are_picked_up() {
     );
     // Issue 27: a tenant file removed is applied to the live table alone, without a full
     // load of the others.
-    let message = gw
-        .gateway
-        .status
-        .lock()
-        .map(|s| s.message.clone())
-        .unwrap_or_default();
+    let message = reload_message(&gw);
     assert_eq!(message, "applied the changed files");
     gw.stop().await.expect("gateway task");
 }
@@ -293,12 +288,7 @@ async fn invalid_edit_keeps_the_old_table_until_fixed() {
     let failed = eventually(WITHIN, || async move { !last_ok(gw_ref) }).await;
     assert!(failed, "a reload should have been attempted and refused");
     assert_eq!(generation(&gw), g0);
-    let msg = gw
-        .gateway
-        .status
-        .lock()
-        .map(|s| s.message.clone())
-        .unwrap_or_default();
+    let msg = reload_message(&gw);
     assert!(msg.contains("example.org.toml:"), "{msg}");
     assert_eq!(status_of(http, "webmail.example.org").await, StatusCode::OK);
 

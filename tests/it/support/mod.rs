@@ -353,6 +353,15 @@ certs = "certs"
     }
 }
 
+/// What the gateway's last reload said (`/status`'s `last_reload.message`).
+pub fn reload_message(gw: &logon_gate::serve::Running) -> String {
+    gw.gateway
+        .status
+        .lock()
+        .map(|s| s.message.clone())
+        .unwrap_or_default()
+}
+
 // ---------------------------------------------------------------- clients
 
 /// A rustls client config that trusts only `ca_der`.
