@@ -17,8 +17,11 @@ const PREFIX: &str = "/lg-test/";
 struct Etcd {
     child: Option<Child>,
     data: PathBuf,
+    name: String,
     client: u16,
     peer: u16,
+    /// `--initial-cluster`: every member's name and peer URL.
+    cluster: String,
 }
 
 impl Drop for Etcd {
@@ -29,14 +32,42 @@ impl Drop for Etcd {
 
 impl Etcd {
     fn start(data: PathBuf) -> Etcd {
-        let mut e = Etcd {
-            child: None,
-            data,
-            client: support::free_port(),
-            peer: support::free_port(),
-        };
-        e.run();
-        e
+        let mut members = Etcd::cluster(data, 1);
+        members.remove(0)
+    }
+
+    /// A cluster of `n` members on loopback, each healthy before this returns.
+    fn cluster(data: PathBuf, n: usize) -> Vec<Etcd> {
+        std::fs::create_dir_all(&data).expect("mkdir");
+        let ports: Vec<(u16, u16)> = (0..n)
+            .map(|_| (support::free_port(), support::free_port()))
+            .collect();
+        let cluster = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, peer))| format!("n{i}=http://127.0.0.1:{peer}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut members: Vec<Etcd> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, &(client, peer))| Etcd {
+                child: None,
+                data: data.join(format!("n{i}")),
+                name: format!("n{i}"),
+                client,
+                peer,
+                cluster: cluster.clone(),
+            })
+            .collect();
+        // All started before any is waited for: a member is healthy only with a quorum.
+        for m in &mut members {
+            m.spawn();
+        }
+        for m in &members {
+            m.wait_healthy();
+        }
+        members
     }
 
     fn endpoint(&self) -> String {
@@ -45,22 +76,30 @@ impl Etcd {
 
     /// Starts the member (again, on the same data and ports) and waits until it answers.
     fn run(&mut self) {
+        self.spawn();
+        self.wait_healthy();
+    }
+
+    fn spawn(&mut self) {
         let peer = format!("http://127.0.0.1:{}", self.peer);
         let log = std::fs::File::create(self.data.with_extension("log")).expect("log");
         let child = Command::new("etcd")
-            .arg("--name=n1")
+            .arg(format!("--name={}", self.name))
             .arg(format!("--data-dir={}", self.data.display()))
             .arg(format!("--listen-client-urls={}", self.endpoint()))
             .arg(format!("--advertise-client-urls={}", self.endpoint()))
             .arg(format!("--listen-peer-urls={peer}"))
             .arg(format!("--initial-advertise-peer-urls={peer}"))
-            .arg(format!("--initial-cluster=n1={peer}"))
+            .arg(format!("--initial-cluster={}", self.cluster))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()
             .expect("start etcd (.ci/run installs etcd-server)");
         self.child = Some(child);
+    }
+
+    fn wait_healthy(&self) {
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         while !self.ctl(&["endpoint", "health"], None).status.success() {
             assert!(
@@ -97,13 +136,22 @@ impl Etcd {
         child.wait_with_output().expect("etcdctl output")
     }
 
+    /// Puts `value` under `key`, retried for 10 s: a cluster that just lost its leader
+    /// refuses writes until it has elected another.
     fn put(&self, key: &str, value: &str) {
-        let out = self.ctl(&["put", &format!("{PREFIX}{key}")], Some(value));
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let out = self.ctl(&["put", &format!("{PREFIX}{key}")], Some(value));
+            if out.status.success() {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 }
 
@@ -266,4 +314,52 @@ async fn gateways_follow_etcd_and_serve_on_without_it() {
     for g in gws {
         g.stop().await.expect("gateway task");
     }
+}
+
+/// SPEC §6 with a three-member etcd cluster: the gateway lists every member, one member is
+/// killed, and edits made through the others still reach it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs etcd-server and the etcd feature: run by .ci/run"]
+async fn a_killed_etcd_member_does_not_stop_a_gateway_following_the_cluster() {
+    let backend = Backend::start().await;
+    let f = Fixture::new(&backend.url(), "");
+    let mut members = Etcd::cluster(f.path().join("etcd"), 3);
+    let endpoints = members
+        .iter()
+        .map(|m| format!("\"{}\"", m.endpoint()))
+        .collect::<Vec<_>>()
+        .join(", ");
+    f.write_gateway(
+        &backend.url(),
+        &format!("\n[store]\nkind = \"etcd\"\nendpoints = [{endpoints}]\nprefix = \"{PREFIX}\"\n"),
+    );
+    let out = cli(&f.gateway_toml(), &["store", "import"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let gw = f.start().await;
+    let http = [gw.http.expect("http")];
+    members[0].put("tenants/example.info", INFO_ENABLED);
+    assert!(
+        all_serve(&http, "webmail.example.info", StatusCode::OK).await,
+        "before"
+    );
+    // Each member in turn is the one killed; the change goes through another.
+    for down in 0..3 {
+        members[down].stop();
+        let up = (down + 1) % 3;
+        let (value, want) = match down % 2 {
+            0 => (INFO_DISABLED, StatusCode::FORBIDDEN),
+            _ => (INFO_ENABLED, StatusCode::OK),
+        };
+        members[up].put("tenants/example.info", value);
+        assert!(
+            all_serve(&http, "webmail.example.info", want).await,
+            "member n{down} down: the change through n{up} was not served"
+        );
+        members[down].run();
+    }
+    gw.stop().await.expect("gateway task");
 }
