@@ -81,14 +81,17 @@ pub fn load(loader: &mut Loader, config: &Path) -> Result<Table, OpError> {
 /// Runs one read-modify-write of a tenant file under the lock: `change` gets the current table
 /// and returns the file to write, its new text, and the message to print. The whole resulting
 /// configuration is validated before anything is written.
-pub fn edit_tenant_file<F>(config: &Path, change: F) -> Result<String, OpError>
+pub fn edit_tenant_file<F>(config: &Path, mut change: F) -> Result<String, OpError>
 where
-    F: FnOnce(&Table) -> Result<(PathBuf, String, String), OpError>,
+    F: FnMut(&Table) -> Result<(PathBuf, String, String), OpError>,
 {
     let _lock = lock(config)?;
+    #[cfg(feature = "etcd")]
+    if let Some(store) = etcd_store(config) {
+        return super::store::edit_tenant(config, &store, change);
+    }
     let mut loader = Loader::new(crate::config::crypto_provider());
     let table = load(&mut loader, config)?;
-    not_etcd(&table, config)?;
     let (path, text, message) = change(&table)?;
     let overrides = HashMap::from([(path.clone(), text.clone())]);
     if let Err(errors) = loader.load_with(config, &overrides) {
@@ -101,12 +104,19 @@ where
     Ok(message)
 }
 
-/// Refuses an edit of files that are only the gateway's copy of an etcd store (SPEC §6): it
-/// would be overwritten by the store, and lost.
+/// The etcd store `config` names, if any (read from gateway.toml alone, before any table).
+#[cfg(feature = "etcd")]
+fn etcd_store(config: &Path) -> Option<crate::config::EtcdStore> {
+    let src = crate::config::Source::read(config).ok()?;
+    crate::config::load_gateway(&src).ok()?.0.etcd
+}
+
+/// Refuses `cert install` into files that are only the gateway's copy of an etcd store
+/// (SPEC §6): the store would overwrite it, and it would be lost.
 pub fn not_etcd(table: &Table, config: &Path) -> Result<(), OpError> {
     match &table.settings.etcd {
         Some(store) => Err(OpError::Refused(format!(
-            "{} keeps tenants and certificates in etcd ({}), and the CLI does not edit etcd yet: change the keys under {} with etcdctl, or edit files and `store import` them",
+            "{} keeps certificates in etcd ({}), and `cert install` does not write there yet: put the chain and key under {}certs/ with etcdctl, or install into files and `store import` them",
             config.display(),
             store.endpoints.join(", "),
             store.prefix

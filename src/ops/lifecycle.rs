@@ -173,9 +173,9 @@ pub fn domain_add(config: &Path, domain: &str, host: &str) -> Result<String, OpE
 }
 
 /// Applies `change` to the `[[logon]]` entry of `host`; `change` may read the table and tenant.
-fn edit_logon<F>(config: &Path, host: &HostName, change: F) -> Result<String, OpError>
+fn edit_logon<F>(config: &Path, host: &HostName, mut change: F) -> Result<String, OpError>
 where
-    F: FnOnce(&Table, &Tenant, &mut DocumentMut) -> Result<String, OpError>,
+    F: FnMut(&Table, &Tenant, &mut DocumentMut) -> Result<String, OpError>,
 {
     edit_tenant_file(config, |table| {
         let tenant = owner_of(table, host)?;
