@@ -136,6 +136,15 @@ impl Etcd {
         child.wait_with_output().expect("etcdctl output")
     }
 
+    /// The value under `key`, as etcdctl prints it.
+    fn get(&self, key: &str) -> String {
+        let out = self.ctl(
+            &["get", "--print-value-only", &format!("{PREFIX}{key}")],
+            None,
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// Puts `value` under `key`, retried for 10 s: a cluster that just lost its leader
     /// refuses writes until it has elected another.
     fn put(&self, key: &str, value: &str) {
@@ -152,6 +161,31 @@ impl Etcd {
             );
             std::thread::sleep(Duration::from_millis(200));
         }
+    }
+}
+
+/// Runs each `logon-gate ARGS -c CONFIG` at once, and asserts each succeeded.
+fn all_at_once(runs: &[(PathBuf, Vec<String>)]) {
+    let children: Vec<Child> = runs
+        .iter()
+        .map(|(config, args)| {
+            Command::new(crate::support::process::BIN)
+                .args(args)
+                .arg("-c")
+                .arg(config)
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("logon-gate")
+        })
+        .collect();
+    for c in children {
+        let out = c.wait_with_output().expect("wait");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
 
@@ -318,40 +352,15 @@ async fn gateways_follow_etcd_and_serve_on_without_it() {
 
     // Concurrent edits from several processes (each its own transaction, guarded by the
     // revision it read): none is lost.
-    let adds: Vec<_> = (0..6)
+    let adds: Vec<(PathBuf, Vec<String>)> = (0..6)
         .map(|i| {
-            Command::new(crate::support::process::BIN)
-                .args([
-                    "domain",
-                    "add",
-                    "example.org",
-                    &format!("m{i}.example.org"),
-                    "-c",
-                ])
-                .arg(fixtures[i % 3].gateway_toml())
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .expect("domain add")
+            let host = format!("m{i}.example.org");
+            let args = ["domain", "add", "example.org", &host].map(String::from);
+            (fixtures[i % 3].gateway_toml(), args.to_vec())
         })
         .collect();
-    for a in adds {
-        let out = a.wait_with_output().expect("wait");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let value = etcd.ctl(
-        &[
-            "get",
-            "--print-value-only",
-            &format!("{PREFIX}tenants/example.org"),
-        ],
-        None,
-    );
-    let text = String::from_utf8_lossy(&value.stdout);
+    all_at_once(&adds);
+    let text = etcd.get("tenants/example.org");
     for i in 0..6 {
         assert!(
             text.contains(&format!("m{i}.example.org")),
@@ -360,36 +369,16 @@ async fn gateways_follow_etcd_and_serve_on_without_it() {
     }
     // "One enabled address per tenant" holds under a race: two enables at once, one wins.
     etcd.put("tenants/example.info", &format!("{INFO_DISABLED}[[logon]]\nhost = \"mail.example.info\"\ncname = \"verified\"\nicp = \"filed\"\nenabled = false\n"));
-    let enables: Vec<_> = ["webmail.example.info", "mail.example.info"]
+    let enables: Vec<(PathBuf, Vec<String>)> = ["webmail.example.info", "mail.example.info"]
         .iter()
         .enumerate()
         .map(|(i, host)| {
-            Command::new(crate::support::process::BIN)
-                .args(["domain", "enable", host, "-c"])
-                .arg(fixtures[i].gateway_toml())
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .expect("domain enable")
+            let args = ["domain", "enable", host].map(String::from);
+            (fixtures[i].gateway_toml(), args.to_vec())
         })
         .collect();
-    for e in enables {
-        let out = e.wait_with_output().expect("wait");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let value = etcd.ctl(
-        &[
-            "get",
-            "--print-value-only",
-            &format!("{PREFIX}tenants/example.info"),
-        ],
-        None,
-    );
-    let text = String::from_utf8_lossy(&value.stdout);
+    all_at_once(&enables);
+    let text = etcd.get("tenants/example.info");
     assert_eq!(text.matches("enabled = true").count(), 1, "{text}");
     // `cert install` does not write to etcd yet, and says so.
     let pair = fixtures[2]
