@@ -185,7 +185,7 @@ impl Client {
             && let Ok(creds) = serde_json::from_str::<AccountCredentials>(&text)
         {
             let account = builder()?.from_credentials(creds).await?;
-            return Ok(Client::of(account, acme).await);
+            return Ok(Client::of(account).await);
         }
         let eab = match &acme.eab {
             Some((kid, key)) => {
@@ -213,10 +213,10 @@ impl Client {
             .await?;
         let json = serde_json::to_vec(&creds).map_err(|e| AcmeError::Order(e.to_string()))?;
         crate::acme::store::write_private(&file, &json)?;
-        Ok(Client::of(account, acme).await)
+        Ok(Client::of(account).await)
     }
 
-    async fn of(account: Account, _acme: &Acme) -> Client {
+    async fn of(account: Account) -> Client {
         // Whether the directory has `renewalInfo` shows only in an ARI call: one with a
         // made-up identifier answers Unsupported at once when it has none, with no request.
         let probe = CertificateIdentifier {
